@@ -1,0 +1,134 @@
+"""Validated configuration of one federated run (pydantic), with sensible defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedcrypt.exceptions import ConfigError
+
+Protection = Literal["plain", "ckks", "secagg"]
+Partition = Literal["iid", "dirichlet"]
+
+#: Model used when ``--model`` is not given, by dataset kind.
+DEFAULT_MODEL = {"tabular": "mlp", "image": "cnn"}
+EMBEDDED_DATASET = "wdbc"
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a federated run; both the server and hospitals read it.
+
+    Attributes
+    ----------
+    dataset : str
+        ``wdbc`` (scikit-learn's Wisconsin table, embedded), ``breastmnist``,
+        ``pneumoniamnist``, or a path to a MedMNIST 2D ``.npz`` (default: ``wdbc``).
+    data_dir : Path or None
+        Folder holding ``<dataset>.npz`` (default: None).
+    model : str or None
+        ``mlp``, ``cnn`` or ``mobilenetv2``; None picks ``mlp`` for tabular data and
+        ``cnn`` for images (default: None).
+    clients : int
+        Number of hospitals, 1 to 100 (default: 3).
+    rounds : int
+        FedAvg rounds (default: 5).
+    local_epochs : int
+        Local epochs per round (default: 1).
+    batch_size, lr, weight_decay
+        Local optimiser settings (Adam; lr is the learning rate, default 1e-3).
+    class_weight : {"none", "balanced"}
+        Loss weighting for imbalanced data (default: ``none``).
+    partition : {"iid", "dirichlet"}
+        How the training split is divided among hospitals (default: ``iid``).
+    alpha : float
+        Dirichlet concentration; smaller is more skewed (default: 0.5).
+    val_fraction : float
+        Share of each hospital's data kept for local validation (default: 0.2).
+    seed : int
+        Seeds data partitioning, model initialisation and local training (default: 0).
+    protection : {"plain", "ckks", "secagg"}
+        How updates are protected from the server (default: ``ckks``).
+    he_preset : str or None
+        CKKS parameter preset name; None uses the library default (default: None).
+    encrypt_layers : str
+        Which tensors ``ckks`` encrypts: ``all``, ``last``, ``last:N`` or a regex
+        (default: ``all``).
+    width_mult : float
+        MobileNetV2 width multiplier (default: 1.0).
+    weights : Path or None
+        A ``state_dict`` file to start from (default: None, random initialisation).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = EMBEDDED_DATASET
+    data_dir: Path | None = None
+    model: str | None = None
+    clients: int = Field(default=3, ge=1, le=100)
+    rounds: int = Field(default=5, ge=1, le=1000)
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    class_weight: Literal["none", "balanced"] = "none"
+    partition: Partition = "iid"
+    alpha: float = Field(default=0.5, gt=0)
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    seed: int = Field(default=0, ge=0)
+    protection: Protection = "ckks"
+    he_preset: str | None = None
+    encrypt_layers: str = "all"
+    width_mult: float = Field(default=1.0, gt=0, le=4)
+    weights: Path | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("dataset must not be empty")
+        return value if value.endswith(".npz") else value.lower()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.protection != "ckks" and self.encrypt_layers != "all":
+            raise ValueError("--encrypt-layers applies only to --protection ckks")
+        return self
+
+    @classmethod
+    def build(cls, **values: Any) -> RunConfig:
+        """Validate ``values`` into a config, raising :class:`ConfigError` with one line.
+
+        Raises
+        ------
+        fedcrypt.exceptions.ConfigError
+            Naming the first invalid option and why.
+        """
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            raise ConfigError(f"invalid {loc.replace('_', '-')}: {err['msg']}") from None
+
+    def to_flower(self) -> dict[str, str | int | float | bool]:
+        """Flatten into a Flower ``run_config`` (scalars only; None becomes "")."""
+        out: dict[str, str | int | float | bool] = {}
+        for key, value in self.model_dump().items():
+            out[key.replace("_", "-")] = "" if value is None else (
+                str(value) if isinstance(value, Path) else value
+            )
+        return out
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_flower`; unknown keys (e.g. key-file paths) are ignored."""
+        fields = cls.model_fields
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = str(key).replace("-", "_")
+            if name in fields:
+                values[name] = None if value == "" else value
+        return cls.build(**values)

@@ -1,0 +1,137 @@
+"""Run a whole federation on this machine with Flower's simulation engine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from fedcrypt.config import RunConfig
+from fedcrypt.exceptions import AggregationError, ConfigError, KeyMaterialError
+from fedcrypt.federation.app import HospitalSetup, Outcome, build_client_app, build_server_app
+from fedcrypt.protection.registry import HOSPITAL_KEY_FILE, SERVER_KEY_FILE
+from fedcrypt.report.records import RoundRecord, RunRecord
+from fedcrypt.report.writer import write_run
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_environment(verbose: bool) -> None:
+    # No telemetry (there is no network), no Ray dashboard, no accelerator env override.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+
+
+@contextlib.contextmanager
+def _key_files(config: RunConfig, keys_dir: Path | None) -> Iterator[tuple[Path | None, Path | None]]:
+    """Yield (hospital key, server key) paths; fresh keys live in a temporary folder."""
+    if config.protection != "ckks":
+        yield None, None
+        return
+    if keys_dir is not None:
+        hospital, server = keys_dir / HOSPITAL_KEY_FILE, keys_dir / SERVER_KEY_FILE
+        for path in (hospital, server):
+            if not path.is_file():
+                raise KeyMaterialError(
+                    f"{path} not found: create keys with 'fedcrypt keys generate --out {keys_dir}'"
+                )
+        yield hospital, server
+        return
+    from fedcrypt.protection.keys import write_key_files
+    from fedcrypt.protection.presets import DEFAULT_PRESET
+
+    with tempfile.TemporaryDirectory(prefix="fedcrypt-keys-") as tmp:
+        hospital, server = write_key_files(Path(tmp), preset=config.he_preset or DEFAULT_PRESET)
+        yield hospital, server
+
+
+def run_simulation(
+    config: RunConfig,
+    *,
+    run_dir: Path,
+    keys_dir: Path | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    verbose: bool = False,
+) -> RunRecord:
+    """Simulate ``config.clients`` hospitals and a server; write the run directory.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run.
+    run_dir : Path
+        Output folder (``metrics.json``, ``report.md``, ``roc.png``, ``rounds.png``,
+        ``model.pt`` as decrypted by hospital 0).
+    keys_dir : Path, optional
+        Folder with ``hospital.key`` and ``server.key`` from ``fedcrypt keys generate``;
+        without it a fresh key pair is made for this run and deleted afterwards.
+    on_round : callable, optional
+        Called with each finished round (progress display).
+    verbose : bool
+        Keep Flower's and Ray's logs (default: False).
+
+    Returns
+    -------
+    RunRecord
+        What was written to ``metrics.json``.
+
+    Raises
+    ------
+    fedcrypt.exceptions.FedcryptError
+        For bad configuration, key material, data, or a failed round.
+    """
+    if config.protection == "secagg":
+        raise ConfigError("protection 'secagg' is not available in simulate yet")
+    _quiet_environment(verbose)
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    # Fail fast, in this process, on bad data/model/keys before starting Ray.
+    from fedcrypt.federation.hospital import initial_payload
+
+    initial_payload(config)
+    started = time.perf_counter()
+    outcome = Outcome(on_round=on_round)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _key_files(config, keys_dir) as (hospital_key, server_key):
+        from fedcrypt.protection.registry import hospital_protection, server_aggregator
+
+        server_aggregator(config.protection, key_file=server_key)
+        hospital_protection(config.protection, key_file=hospital_key)
+        server_app = build_server_app(config, server_key=server_key, outcome=outcome)
+        client_app = build_client_app(
+            HospitalSetup(config=config, hospital_key=hospital_key, output_dir=run_dir, torch_threads=1)
+        )
+        backend = {
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": max(1, min(os.cpu_count() or 1, config.clients)),
+                "include_dashboard": False,
+                "log_to_driver": verbose,
+                "logging_level": logging.INFO if verbose else logging.ERROR,
+            },
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flwr_run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=config.clients,
+                backend_config=backend,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+    if outcome.error is not None:
+        raise outcome.error
+    if len(outcome.rounds) != config.rounds:
+        raise AggregationError(
+            f"the simulation stopped after {len(outcome.rounds)} of {config.rounds} rounds"
+        )
+    return write_run(run_dir, config, outcome, seconds=time.perf_counter() - started)
