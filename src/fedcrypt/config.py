@@ -14,6 +14,8 @@ Partition = Literal["iid", "dirichlet"]
 
 #: Model used when ``--model`` is not given, by dataset kind.
 DEFAULT_MODEL = {"tabular": "mlp", "image": "cnn"}
+#: Adam learning rate used when ``--lr`` is not given, by model.
+DEFAULT_LR = {"mlp": 1e-2, "cnn": 1e-3, "mobilenetv2": 1e-3}
 EMBEDDED_DATASET = "wdbc"
 
 
@@ -35,9 +37,10 @@ class RunConfig(BaseModel):
     rounds : int
         FedAvg rounds (default: 5).
     local_epochs : int
-        Local epochs per round (default: 1).
+        Local epochs per round (default: 3).
     batch_size, lr, weight_decay
-        Local optimiser settings (Adam; lr is the learning rate, default 1e-3).
+        Local optimiser settings (Adam); ``lr`` None picks the model's default from
+        :data:`DEFAULT_LR` (1e-2 for ``mlp``, 1e-3 otherwise).
     class_weight : {"none", "balanced"}
         Loss weighting for imbalanced data (default: ``none``).
     partition : {"iid", "dirichlet"}
@@ -68,9 +71,9 @@ class RunConfig(BaseModel):
     model: str | None = None
     clients: int = Field(default=3, ge=1, le=100)
     rounds: int = Field(default=5, ge=1, le=1000)
-    local_epochs: int = Field(default=1, ge=1, le=100)
+    local_epochs: int = Field(default=3, ge=1, le=100)
     batch_size: int = Field(default=32, ge=1, le=4096)
-    lr: float = Field(default=1e-3, gt=0, le=10)
+    lr: float | None = Field(default=None, gt=0, le=10)
     weight_decay: float = Field(default=0.0, ge=0)
     class_weight: Literal["none", "balanced"] = "none"
     partition: Partition = "iid"

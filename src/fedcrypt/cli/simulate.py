@@ -7,17 +7,20 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedcrypt.config import RunConfig
-from fedcrypt.report.records import RoundRecord, RunRecord
+from fedcrypt.report.records import RoundRecord
 
 console = Console(highlight=False)
 
-_COLUMNS = ("round", "test loss", "accuracy", "ROC AUC", "seconds", "MB up/hospital",
-            "protect s", "aggregate s", "unprotect s")
+_COLUMNS = ("round", "loss", "acc", "AUC", "s", "MB up", "enc s", "agg s", "dec s")
+_LEGEND = ("loss/acc/AUC: global model on the common test split; s: round seconds; "
+           "MB up: protected bytes sent per hospital; enc/agg/dec s: hospital protect, "
+           "server aggregate, hospital unprotect seconds.")
 
 
 def _row(r: RoundRecord) -> list[str]:
@@ -29,14 +32,11 @@ def _row(r: RoundRecord) -> list[str]:
             f"{r.aggregate_seconds:.3f}", f"{r.decrypt_seconds:.3f}"]
 
 
-def _table(record: RunRecord) -> Table:
-    cfg = record.config
-    table = Table(title=f"{cfg['dataset']} · {cfg.get('model') or 'default model'} · "
-                  f"{cfg['protection']} · {cfg['clients']} hospitals")
+def _table(config: RunConfig) -> Table:
+    table = Table(title=f"{config.dataset} · {config.model or 'default model'} · "
+                  f"{config.protection} · {config.clients} hospitals", caption=_LEGEND)
     for name in _COLUMNS:
         table.add_column(name, justify="right")
-    for r in record.rounds:
-        table.add_row(*_row(r))
     return table
 
 
@@ -55,9 +55,10 @@ def simulate(
         None, help="mlp, cnn or mobilenetv2 [default: mlp for tables, cnn for images]."),
     clients: int = typer.Option(3, help="Number of simulated hospitals."),
     rounds: int = typer.Option(5, help="FedAvg rounds."),
-    local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
+    local_epochs: int = typer.Option(3, "--local-epochs", help="Local epochs per round."),
     batch_size: int = typer.Option(32, "--batch-size", help="Local batch size."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    lr: float | None = typer.Option(
+        None, help="Adam learning rate [default: 1e-2 for mlp, 1e-3 for cnn/mobilenetv2]."),
     class_weight: str = typer.Option(
         "none", "--class-weight", help="none, or balanced (weights the loss against class imbalance)."),
     partition: str = typer.Option("iid", help="iid, or dirichlet (non-IID label skew)."),
@@ -95,24 +96,23 @@ def simulate(
     run_dir = out or _default_out(config)
     from fedcrypt.federation.simulation import run_simulation
 
-    with Progress(
+    table = _table(config)
+    progress = Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-        TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
-        console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("starting Flower simulation engine", total=config.rounds)
-        header = "  ".join(f"{c:>{len(c)}}" for c in _COLUMNS)
-        progress.console.print(header, style="bold")
+        TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), console=console,
+    )
+    task = progress.add_task("starting Flower simulation engine", total=config.rounds)
 
-        def on_round(r: RoundRecord) -> None:
-            cells = _row(r)
-            progress.console.print("  ".join(f"{v:>{len(c)}}" for v, c in zip(cells, _COLUMNS, strict=True)))
-            progress.update(task, advance=1, description=f"round {r.round} done, training")
+    def on_round(r: RoundRecord) -> None:
+        table.add_row(*_row(r))
+        progress.update(task, advance=1, description=f"round {r.round + 1}" if r.round < config.rounds
+                        else "writing report")
 
-        progress.update(task, description="federated training")
+    with Live(Group(table, progress), console=console, refresh_per_second=4, transient=False):
         record = run_simulation(config, run_dir=run_dir, keys_dir=keys, on_round=on_round,
                                 verbose=verbose)
-    console.print(_table(record))
+        progress.update(task, description="done")
+    console.print()
     final = record.final
     console.print(
         f"final test accuracy [bold]{final['accuracy']:.4f}[/], ROC AUC [bold]{final['auc']:.4f}[/]"

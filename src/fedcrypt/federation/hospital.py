@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from fedcrypt.config import DEFAULT_MODEL, RunConfig
+from fedcrypt.config import DEFAULT_LR, DEFAULT_MODEL, RunConfig
 from fedcrypt.data.datasets import Dataset, load_dataset
 from fedcrypt.data.hospital import HospitalData, hospital_data
 from fedcrypt.exceptions import ProtocolError
@@ -175,7 +175,7 @@ class Hospital:
             self.model,
             self.data.train,
             epochs=cfg.local_epochs,
-            lr=cfg.lr,
+            lr=cfg.lr or DEFAULT_LR.get(model_name(cfg, self.dataset), 1e-3),
             weight_decay=cfg.weight_decay,
             class_weight=cfg.class_weight,
             seed=cfg.seed * 100_003 + server_round * 1_009 + self.client_id,

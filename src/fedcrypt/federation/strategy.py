@@ -197,7 +197,7 @@ class ProtectedFedAvg(Strategy):
             agg, _ = self.aggregate_train(rnd, replies)
             assert agg is not None
             arrays = agg
-            bytes_down = float(sum(a.count_bytes() for a in arrays.values()))
+            bytes_down = float(len(blob_from(arrays)))
             final = rnd == num_rounds
             replies = grid.send_and_receive(
                 self.configure_evaluate(rnd, arrays, ConfigRecord({"final": final}), grid),
