@@ -1,1 +1,16 @@
-"""data package."""
+"""Datasets (WDBC, MedMNIST), partitioning across hospitals, and per-hospital loaders."""
+
+from fedcrypt.data.datasets import DATASETS, Dataset, Split, load_dataset
+from fedcrypt.data.hospital import HospitalData, hospital_data
+from fedcrypt.data.partition import PARTITIONS, partition_indices
+
+__all__ = [
+    "DATASETS",
+    "PARTITIONS",
+    "Dataset",
+    "HospitalData",
+    "Split",
+    "hospital_data",
+    "load_dataset",
+    "partition_indices",
+]

@@ -1,0 +1,168 @@
+"""One hospital's torch ``DataLoader`` objects: its share of training data, a local
+validation split, and the common test split."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedcrypt.data.datasets import Dataset, Split
+from fedcrypt.data.partition import PARTITIONS, partition_indices
+from fedcrypt.exceptions import ConfigError
+
+
+@dataclass
+class HospitalData:
+    """The loaders one hospital trains and evaluates with.
+
+    Each loader yields ``(x, y)`` batches: ``x`` float32 ``[batch_size, *input_shape]``,
+    ``y`` int64 ``[batch_size]``.
+
+    Attributes
+    ----------
+    train : torch.utils.data.DataLoader
+        The hospital's training examples, reshuffled every epoch (seeded).
+    val : torch.utils.data.DataLoader
+        The hospital's local validation examples (not shuffled; may be empty when
+        ``val_fraction`` is 0).
+    test : torch.utils.data.DataLoader
+        The dataset's common test split, the same at every hospital (not shuffled).
+    num_train, num_val, num_test : int
+        Number of examples in each loader; ``num_train`` is the FedAvg weight.
+    """
+
+    train: DataLoader[tuple[torch.Tensor, ...]]
+    val: DataLoader[tuple[torch.Tensor, ...]]
+    test: DataLoader[tuple[torch.Tensor, ...]]
+    num_train: int
+    num_val: int
+    num_test: int
+
+
+def hospital_data(
+    dataset: Dataset,
+    *,
+    client_id: int,
+    num_clients: int,
+    partition: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    batch_size: int = 32,
+) -> HospitalData:
+    """Build hospital ``client_id``'s loaders in a simulated federation.
+
+    ``dataset.train`` is partitioned among the ``num_clients`` hospitals with
+    :func:`~fedcrypt.data.partition.partition_indices` (the same seed at every hospital
+    gives disjoint shares). Each hospital then holds out ``val_fraction`` of its share,
+    stratified by label where possible, as its local validation split. The dataset's
+    official ``val`` split is *not* used here: it stays out of the federation, available
+    to the server or a centralized baseline for model selection. Every hospital's
+    ``test`` loader is the common ``dataset.test``.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        As returned by :func:`~fedcrypt.data.datasets.load_dataset`.
+    client_id : int
+        This hospital's index in ``[0, num_clients)``.
+    num_clients : int
+        Number of hospitals (>= 1).
+    partition : {"iid", "dirichlet"}
+        Partition scheme (default: ``"iid"``).
+    alpha : float
+        Dirichlet concentration for ``"dirichlet"`` (default: 0.5).
+    seed : int
+        Seed of the partition, the local validation split and the training loader's
+        shuffling (default: 0).
+    val_fraction : float
+        Fraction of the hospital's share held out for validation, in ``[0, 1)``
+        (default: 0.2). With ``0 < val_fraction`` at least one example is held out.
+    batch_size : int
+        Batch size of all three loaders (default: 32).
+
+    Returns
+    -------
+    HospitalData
+
+    Raises
+    ------
+    ConfigError
+        If an argument is out of range or the partition cannot be made (see
+        :func:`~fedcrypt.data.partition.partition_indices`).
+    """
+    if isinstance(num_clients, bool) or not isinstance(num_clients, Integral) or num_clients < 1:
+        raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    if not isinstance(client_id, Integral) or not 0 <= client_id < num_clients:
+        raise ConfigError(f"client_id must be in [0, {num_clients}), got {client_id!r}")
+    if partition not in PARTITIONS:
+        raise ConfigError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+    if not (math.isfinite(val_fraction) and 0.0 <= val_fraction < 1.0):
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+    client_id, num_clients, batch_size = int(client_id), int(num_clients), int(batch_size)
+    min_size = 2 if val_fraction > 0 else 1
+    parts = partition_indices(
+        dataset.train.y,
+        num_clients,
+        scheme="dirichlet" if partition == "dirichlet" else "iid",
+        alpha=alpha,
+        seed=seed,
+        min_size=min_size,
+    )
+    own = parts[client_id]
+    rng = np.random.default_rng([seed, client_id])
+    train_idx, val_idx = _holdout(dataset.train.y[own], own, val_fraction, rng)
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + client_id)
+    train_ds = _tensors(dataset.train, train_idx)
+    val_ds = _tensors(dataset.train, val_idx)
+    test_ds = _tensors(dataset.test, None)
+    return HospitalData(
+        train=DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator),
+        val=DataLoader(val_ds, batch_size=batch_size, shuffle=False),
+        test=DataLoader(test_ds, batch_size=batch_size, shuffle=False),
+        num_train=int(train_idx.size),
+        num_val=int(val_idx.size),
+        num_test=len(dataset.test),
+    )
+
+
+def _holdout(
+    y: NDArray[np.int64],
+    idx: NDArray[np.int64],
+    fraction: float,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Split ``idx`` (labels ``y``) into (train, val), ``val`` ≈ ``fraction``, per class.
+
+    Each class contributes ``round(fraction * n_k)`` examples; if that leaves ``val``
+    empty, one random example is held out. ``train`` always keeps at least one example.
+    """
+    if fraction == 0 or idx.size < 2:
+        return np.sort(idx), np.empty(0, dtype=np.int64)
+    val_parts: list[NDArray[np.int64]] = []
+    for k in np.unique(y):
+        members = rng.permutation(idx[y == k])
+        val_parts.append(members[: round(fraction * members.size)])
+    val = np.concatenate(val_parts)
+    if val.size == 0:
+        val = rng.choice(idx, size=1)
+    if val.size == idx.size:
+        val = val[1:]
+    train = np.setdiff1d(idx, val)
+    return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64)
+
+
+def _tensors(split: Split, rows: NDArray[np.int64] | None) -> TensorDataset:
+    x = split.x if rows is None else split.x[rows]
+    y = split.y if rows is None else split.y[rows]
+    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))

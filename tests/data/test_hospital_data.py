@@ -1,0 +1,92 @@
+"""Tests of fedcrypt.data.hospital: per-hospital loaders in a simulated federation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedcrypt.data.datasets import Dataset, Split
+from fedcrypt.data.hospital import hospital_data
+from fedcrypt.exceptions import ConfigError
+
+
+def make_dataset(n_train: int = 300, n_test: int = 40) -> Dataset:
+    rng = np.random.default_rng(0)
+
+    def split(n: int, offset: int) -> Split:
+        # feature 0 carries the example's global id so tests can trace examples
+        x = rng.normal(size=(n, 4)).astype(np.float32)
+        x[:, 0] = np.arange(n) + offset
+        y = (np.arange(n) % 3 == 0).astype(np.int64)
+        return Split(x, y)
+
+    return Dataset(
+        name="toy",
+        kind="tabular",
+        train=split(n_train, 0),
+        val=split(10, 10_000),
+        test=split(n_test, 20_000),
+        num_classes=2,
+        input_shape=(4,),
+        class_names=("a", "b"),
+    )
+
+
+def ids(loader: torch.utils.data.DataLoader) -> np.ndarray:
+    return np.concatenate([x[:, 0].numpy() for x, _ in loader]).astype(np.int64)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_hospitals_disjoint_cover_train_and_share_test(partition: str) -> None:
+    ds = make_dataset()
+    hs = [
+        hospital_data(ds, client_id=c, num_clients=3, partition=partition, alpha=0.5, seed=2)
+        for c in range(3)
+    ]
+    local = np.concatenate([np.concatenate([ids(h.train), ids(h.val)]) for h in hs])
+    np.testing.assert_array_equal(np.sort(local), np.arange(300))  # official val not used
+    for h in hs:
+        assert h.num_train == len(ids(h.train)) and h.num_val == len(ids(h.val))
+        assert h.num_test == 40
+        np.testing.assert_array_equal(ids(h.test), np.arange(20_000, 20_040))
+
+
+def test_val_fraction_and_stratification() -> None:
+    ds = make_dataset()
+    h = hospital_data(ds, client_id=1, num_clients=2, val_fraction=0.2, seed=0)
+    assert h.num_train + h.num_val == 150 and h.num_val == 30
+    val_labels = np.concatenate([y.numpy() for _, y in h.val])
+    assert val_labels.sum() == 10  # a third of the held-out examples are class 1
+    none = hospital_data(ds, client_id=1, num_clients=2, val_fraction=0.0)
+    assert none.num_val == 0 and none.num_train == 150
+
+
+def test_batches_and_seeded_shuffling() -> None:
+    ds = make_dataset()
+    a = hospital_data(ds, client_id=0, num_clients=2, seed=5, batch_size=16)
+    b = hospital_data(ds, client_id=0, num_clients=2, seed=5, batch_size=16)
+    first_epoch = ids(a.train)
+    np.testing.assert_array_equal(first_epoch, ids(b.train))
+    assert not np.array_equal(first_epoch, ids(a.train)), "no reshuffle between epochs"
+    assert not np.array_equal(first_epoch, np.sort(first_epoch)), "train loader not shuffled"
+    other = hospital_data(ds, client_id=0, num_clients=2, seed=6, batch_size=16)
+    assert not np.array_equal(first_epoch, ids(other.train))
+    x, y = next(iter(a.train))
+    assert x.shape == (16, 4) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"client_id": 3, "num_clients": 3},
+        {"client_id": -1, "num_clients": 3},
+        {"client_id": 0, "num_clients": 0},
+        {"client_id": 0, "num_clients": 2, "partition": "pathological"},
+        {"client_id": 0, "num_clients": 2, "val_fraction": 1.0},
+        {"client_id": 0, "num_clients": 2, "batch_size": 0},
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        hospital_data(make_dataset(), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,85 @@
+"""Tests of fedcrypt.models.mobilenetv2 against the published architecture."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from fedcrypt.models.mobilenetv2 import InvertedResidual, MobileNetV2, make_divisible, mobilenetv2
+
+# torchvision.models.mobilenet_v2() has 3,504,872 parameters, of which its classifier
+# Linear(1280, 1000) holds 1,281,000: the feature extractor holds 2,223,872.
+TORCHVISION_FEATURES_PARAMS = 2_223_872
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Use one intra-op thread: on a busy 2-core machine more threads are much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("side", [28, 64])
+def test_forward_on_28_and_64_pixels(side: int) -> None:
+    model = mobilenetv2((1, side, side), 2).eval()
+    assert model(torch.randn(2, 1, side, side)).shape == (2, 2)
+
+
+def test_stem_stride_depends_on_input_size() -> None:
+    small = mobilenetv2((1, 28, 28), 2)
+    large = mobilenetv2((3, 64, 64), 2)
+    stems = [
+        next(m for m in net.features.modules() if isinstance(m, nn.Conv2d))
+        for net in (small, large)
+    ]
+    assert stems[0].stride == (1, 1) and stems[1].stride == (2, 2)
+    assert stems[0].in_channels == 1 and stems[1].in_channels == 3
+    # 28 px keeps a 2x2 map before pooling, 64 px too (28/16, 64/32)
+    with torch.no_grad():
+        assert small.eval().features(torch.randn(1, 1, 28, 28)).shape == (1, 1280, 2, 2)
+        assert large.eval().features(torch.randn(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+
+
+def test_parameter_counts_match_the_paper() -> None:
+    rgb = mobilenetv2((3, 224, 224), 2)
+    assert count(rgb.features) == TORCHVISION_FEATURES_PARAMS
+    grey = mobilenetv2((1, 28, 28), 2)
+    head = 1280 * 320 + 320 + 320 * 2 + 2
+    stem_saving = 2 * 32 * 3 * 3  # two fewer input channels in the first conv
+    assert count(grey) == TORCHVISION_FEATURES_PARAMS - stem_saving + head == 2_633_858
+    assert 2_200_000 < count(grey) < 2_700_000
+
+
+def test_head_is_the_seed_papers() -> None:
+    model = mobilenetv2((1, 28, 28), 4, dropout=0.3)
+    layers = list(model.classifier)
+    assert isinstance(layers[0], nn.Dropout) and layers[0].p == 0.3
+    assert (layers[1].in_features, layers[1].out_features) == (1280, 320)
+    assert (layers[2].in_features, layers[2].out_features) == (320, 4)
+    assert len(layers) == 3
+
+
+def test_building_blocks() -> None:
+    blocks = [m for m in mobilenetv2((1, 28, 28), 2).features if isinstance(m, InvertedResidual)]
+    assert len(blocks) == 17
+    assert sum(b.use_res_connect for b in blocks) == 10
+    assert any(isinstance(m, nn.ReLU6) for m in blocks[0].modules())
+
+
+def test_width_multiplier_rounds_channels_to_multiples_of_8() -> None:
+    assert make_divisible(32 * 0.35) == 16 and make_divisible(16 * 0.75) == 16
+    model = MobileNetV2(1, 2, width_mult=0.35, stem_stride=1)
+    convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    assert model.last_channel == 1280
+    assert count(model) < 1_000_000
+    assert model.eval()(torch.randn(1, 1, 28, 28)).shape == (1, 2)
