@@ -94,7 +94,10 @@ def simulate(
         width_mult=width_mult,
     )
     run_dir = out or _default_out(config)
-    from fedcrypt.federation.simulation import run_simulation
+    from fedcrypt.federation.simulation import check_run, run_simulation
+
+    with console.status("checking data, model and keys"):
+        check_run(config, keys_dir=keys)
 
     table = _table(config)
     progress = Progress(

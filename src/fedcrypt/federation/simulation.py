@@ -54,6 +54,43 @@ def _key_files(config: RunConfig, keys_dir: Path | None) -> Iterator[tuple[Path 
         yield hospital, server
 
 
+def _check_keys(config: RunConfig, hospital_key: Path | None, server_key: Path | None) -> None:
+    from fedcrypt.protection.registry import hospital_protection, server_aggregator
+
+    server_side = server_aggregator(config.protection, key_file=server_key)
+    hospital_side = hospital_protection(config.protection, key_file=hospital_key)
+    fingerprints = {getattr(server_side, "fingerprint", None),
+                    getattr(hospital_side, "fingerprint", None)}
+    if len(fingerprints) != 1:
+        raise KeyMaterialError(
+            f"{hospital_key} and {server_key} belong to different key contexts: "
+            "use the pair written by one 'fedcrypt keys generate'"
+        )
+
+
+def check_run(config: RunConfig, *, keys_dir: Path | None = None) -> None:
+    """Fail fast, before any process starts, on bad data, model, preset or key files.
+
+    Raises
+    ------
+    fedcrypt.exceptions.FedcryptError
+        The first problem found (ConfigError, DataError, KeyMaterialError, ...).
+    """
+    if config.protection == "secagg":
+        raise ConfigError("protection 'secagg' is not available in simulate yet")
+    from fedcrypt.federation.hospital import initial_payload
+
+    initial_payload(config)
+    if config.protection == "ckks":
+        from fedcrypt.protection.presets import get_preset
+
+        if config.he_preset is not None:
+            get_preset(config.he_preset)
+        if keys_dir is not None:
+            with _key_files(config, keys_dir) as (hospital_key, server_key):
+                _check_keys(config, hospital_key, server_key)
+
+
 def run_simulation(
     config: RunConfig,
     *,
@@ -89,23 +126,15 @@ def run_simulation(
     fedcrypt.exceptions.FedcryptError
         For bad configuration, key material, data, or a failed round.
     """
-    if config.protection == "secagg":
-        raise ConfigError("protection 'secagg' is not available in simulate yet")
+    check_run(config, keys_dir=keys_dir)
     _quiet_environment(verbose)
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    # Fail fast, in this process, on bad data/model/keys before starting Ray.
-    from fedcrypt.federation.hospital import initial_payload
-
-    initial_payload(config)
     started = time.perf_counter()
     outcome = Outcome(on_round=on_round)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _key_files(config, keys_dir) as (hospital_key, server_key):
-        from fedcrypt.protection.registry import hospital_protection, server_aggregator
-
-        server_aggregator(config.protection, key_file=server_key)
-        hospital_protection(config.protection, key_file=hospital_key)
+        _check_keys(config, hospital_key, server_key)
         server_app = build_server_app(config, server_key=server_key, outcome=outcome)
         client_app = build_client_app(
             HospitalSetup(config=config, hospital_key=hospital_key, output_dir=run_dir, torch_threads=1)

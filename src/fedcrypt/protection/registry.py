@@ -22,6 +22,12 @@ def _require(path: Path | None, what: str) -> Path:
     return path
 
 
+def _named(path: Path, exc: KeyMaterialError) -> KeyMaterialError:
+    """The same error, with the offending file's path in front (once)."""
+    msg = str(exc)
+    return exc if str(path) in msg else KeyMaterialError(f"{path}: {msg}")
+
+
 def hospital_protection(
     scheme: str, *, key_file: Path | None = None, encrypt_layers: str = "all", layout: object = None
 ) -> HospitalProtection:
@@ -50,7 +56,11 @@ def hospital_protection(
     if scheme == "ckks":
         from fedcrypt.protection import keys
 
-        inner: HospitalProtection = keys.load_hospital(_require(key_file, "hospital"))
+        path = _require(key_file, "hospital")
+        try:
+            inner: HospitalProtection = keys.load_hospital(path)
+        except KeyMaterialError as exc:
+            raise _named(path, exc) from None
         if encrypt_layers != "all":
             from fedcrypt.protection import selective
 
@@ -77,7 +87,11 @@ def server_aggregator(
     if scheme == "ckks":
         from fedcrypt.protection import keys
 
-        inner: ServerAggregator = keys.load_server(_require(key_file, "server"))
+        path = _require(key_file, "server")
+        try:
+            inner: ServerAggregator = keys.load_server(path)
+        except KeyMaterialError as exc:
+            raise _named(path, exc) from None
         if encrypt_layers != "all":
             from fedcrypt.protection import selective
 

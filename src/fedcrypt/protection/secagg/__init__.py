@@ -1,0 +1,90 @@
+"""``secagg``: pairwise-masking secure aggregation with dropout recovery and a group mask.
+
+The protocol of Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
+Machine Learning", CCS 2017 (semi-honest variant), with the SecAgg+ neighbour graph of
+Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020,
+and a consortium *group mask* so the server cannot read even the sum. Transport-agnostic:
+each stage is one request (bytes) from the server to each hospital and one signed reply
+(bytes) back. See ``docs/secagg.md`` for the protocol, bounds and threat model.
+
+Roles
+-----
+:class:`SecAggHospital` (long-term Ed25519 signing key, consortium key, registry of public
+keys; persists across rounds and refuses old rounds)::
+
+    reply = h.stage_advertise(request)                  # 0: signed X25519 keys
+    reply = h.stage_share(request)                      # 1: encrypted Shamir shares
+    reply = h.stage_masked_input(request, update=x, num_examples=n)   # 2: masked update
+    reply = h.stage_unmask(request)                     # 3: shares for recovery
+    result = h.unprotect(aggregate)                     # AggregateResult (FedAvg mean)
+    blob = h.export_state(); h2.import_state(blob)      # stateless hosts (SECRET blob)
+
+:class:`SecAggServer` (one per round; public keys only)::
+
+    reqs = s.request_advertise()          # {hospital_id: bytes}
+    reqs = s.receive_advertise(replies)   # replies: {hospital_id: bytes}; missing = dropped
+    reqs = s.receive_share(replies)
+    reqs = s.receive_masked_input(replies)
+    aggregate = s.receive_unmask(replies) # bytes, broadcast to the hospitals
+
+:func:`run_round` drives all of this in process (tests, benchmarks, simulation), with
+optional dropouts per stage and a hook to tamper with messages.
+
+Errors (all :class:`~fedcrypt.exceptions.FedcryptError`): :class:`SignatureError`,
+:class:`ReplayError`, :class:`ShareAuthenticationError`, :class:`ShareVerificationError`,
+:class:`ViewMismatchError` (all :class:`~fedcrypt.exceptions.ProtocolError`) and
+:class:`TooFewSurvivorsError` (a :class:`~fedcrypt.exceptions.DropoutError`).
+
+Example
+-------
+>>> import numpy as np
+>>> params = SecAggParams()
+>>> hospitals, registry = new_consortium([1, 2, 3], params=params)
+>>> config = RoundConfig(round=1, hospital_ids=(1, 2, 3), vector_size=4, params=params)
+>>> server = SecAggServer(config, registry=registry)
+>>> inputs = {i: (np.full(4, 0.1 * i), 10 * i) for i in (1, 2, 3)}
+>>> report = run_round(server, hospitals, inputs)
+>>> round(float(report.result.mean[0]), 4), report.result.total_examples
+(0.2333, 60)
+"""
+
+from __future__ import annotations
+
+from fedcrypt.protection.secagg.config import RoundConfig, SecAggParams, default_threshold
+from fedcrypt.protection.secagg.driver import RoundReport, new_consortium, run_round
+from fedcrypt.protection.secagg.errors import (
+    ReplayError,
+    ShareAuthenticationError,
+    ShareVerificationError,
+    SignatureError,
+    TooFewSurvivorsError,
+    ViewMismatchError,
+)
+from fedcrypt.protection.secagg.hospital import (
+    SecAggHospital,
+    decode_aggregate,
+    generate_consortium_key,
+)
+from fedcrypt.protection.secagg.messages import SCHEME, STAGES
+from fedcrypt.protection.secagg.server import SecAggServer
+
+__all__ = [
+    "SCHEME",
+    "STAGES",
+    "ReplayError",
+    "RoundConfig",
+    "RoundReport",
+    "SecAggHospital",
+    "SecAggParams",
+    "SecAggServer",
+    "ShareAuthenticationError",
+    "ShareVerificationError",
+    "SignatureError",
+    "TooFewSurvivorsError",
+    "ViewMismatchError",
+    "decode_aggregate",
+    "default_threshold",
+    "generate_consortium_key",
+    "new_consortium",
+    "run_round",
+]

@@ -1,0 +1,125 @@
+"""Tests for layer selection and the selective (part-encrypted) wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedcrypt.exceptions import AggregationError, ConfigError, ProtocolError
+from fedcrypt.protection import wire
+from fedcrypt.protection.base import HospitalProtection, ServerAggregator
+from fedcrypt.protection.keys import generate_keys, hospital_from_bytes, server_from_bytes
+from fedcrypt.protection.packing import Layout, flatten
+from fedcrypt.protection.selective import (
+    SelectiveAggregator,
+    SelectiveHospital,
+    parameterized_modules,
+    select_layers,
+)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 8),
+        torch.nn.Linear(8, 2),
+    )
+
+
+@pytest.fixture(scope="module")
+def layout() -> Layout:
+    return Layout.of(_model().state_dict())
+
+
+def _span(layout: Layout, *names: str) -> set[int]:
+    out: set[int] = set()
+    for t in layout.tensors:
+        if t.name in names:
+            out.update(range(t.offset, t.offset + t.numel))
+    return out
+
+
+def test_parameterized_modules(layout: Layout) -> None:
+    assert parameterized_modules(layout) == ["0", "1", "4", "5"]
+
+
+def test_select_all_last_and_regex(layout: Layout) -> None:
+    assert select_layers(layout, "all").all()
+    last = select_layers(layout, "last")
+    assert set(np.flatnonzero(last)) == _span(layout, "5.weight", "5.bias")
+    two = select_layers(layout, "last:2")
+    assert set(np.flatnonzero(two)) == _span(layout, "4.weight", "4.bias", "5.weight", "5.bias")
+    bn = select_layers(layout, "last:3")  # includes the BatchNorm's buffers
+    assert _span(layout, "1.running_mean", "1.num_batches_tracked") <= set(np.flatnonzero(bn))
+    rx = select_layers(layout, r"^0\.")
+    assert set(np.flatnonzero(rx)) == _span(layout, "0.weight", "0.bias")
+    assert last.dtype == np.bool_ and last.shape == (layout.size,)
+
+
+@pytest.mark.parametrize("spec", ["last:0", "last:9", "nomatch$", "("])
+def test_bad_specs(layout: Layout, spec: str) -> None:
+    with pytest.raises(ConfigError):
+        select_layers(layout, spec)
+
+
+@pytest.fixture(scope="module")
+def keys_fast() -> tuple[bytes, bytes]:
+    return generate_keys("fast")
+
+
+def test_selective_fedavg(layout: Layout, keys_fast: tuple[bytes, bytes]) -> None:
+    """Encrypted and plaintext parts reassemble into the plaintext FedAvg."""
+    mask = select_layers(layout, "last:2")
+    hospital = SelectiveHospital(hospital_from_bytes(keys_fast[0]), mask)
+    server = SelectiveAggregator(server_from_bytes(keys_fast[1]), mask_size=layout.size)
+    assert isinstance(hospital, HospitalProtection)
+    assert isinstance(server, ServerAggregator)
+    base = flatten(_model().state_dict())
+    rng = np.random.default_rng(0)
+    updates = [base + rng.normal(0, 0.01, base.size) for _ in range(3)]
+    counts = [5, 10, 20]
+    blobs = [hospital.protect(u, num_examples=n) for u, n in zip(updates, counts, strict=True)]
+    env = wire.unpack(blobs[0])
+    assert env.header["fraction_encrypted"] == pytest.approx(mask.mean())
+    assert hospital.fraction_encrypted == pytest.approx(mask.mean())
+    result = hospital.unprotect(server.aggregate(blobs))
+    expected = sum(u * n for u, n in zip(updates, counts, strict=True)) / sum(counts)
+    np.testing.assert_allclose(result.mean, expected, atol=1e-6)
+    assert (result.total_examples, result.num_updates) == (35, 3)
+
+
+def test_selective_with_packed_inner(layout: Layout) -> None:
+    h_bytes, s_bytes = generate_keys("packed")
+    mask = select_layers(layout, "last")
+    hospital = SelectiveHospital(hospital_from_bytes(h_bytes), mask)
+    server = SelectiveAggregator(server_from_bytes(s_bytes))
+    x = flatten(_model().state_dict())
+    for _ in range(2):  # calibration round, then calibrated
+        result = hospital.unprotect(server.aggregate([hospital.protect(x, num_examples=4)]))
+        np.testing.assert_allclose(result.mean, x, atol=1e-4)
+
+
+def test_selective_rejects_mismatch(layout: Layout, keys_fast: tuple[bytes, bytes]) -> None:
+    inner_h = hospital_from_bytes(keys_fast[0])
+    a = SelectiveHospital(inner_h, select_layers(layout, "last"))
+    b = SelectiveHospital(inner_h, select_layers(layout, "last:2"))
+    server = SelectiveAggregator(server_from_bytes(keys_fast[1]))
+    x = flatten(_model().state_dict())
+    ua, ub = a.protect(x, num_examples=1), b.protect(x, num_examples=1)
+    with pytest.raises(AggregationError, match="selections"):
+        server.aggregate([ua, ub])
+    with pytest.raises(ProtocolError, match="selection"):
+        b.unprotect(server.aggregate([ua]))
+    with pytest.raises(ProtocolError):
+        server.aggregate([ua[:-8]])
+    with pytest.raises(AggregationError):
+        SelectiveAggregator(server_from_bytes(keys_fast[1]), mask_size=3).aggregate([ua])
+    with pytest.raises(ValueError):
+        a.protect(x[:-1], num_examples=1)
+    with pytest.raises(ConfigError):
+        SelectiveHospital(inner_h, np.zeros(layout.size, dtype=bool))
