@@ -120,8 +120,8 @@ class RunConfig(BaseModel):
         """Flatten into a Flower ``run_config`` (scalars only; None becomes "")."""
         out: dict[str, str | int | float | bool] = {}
         for key, value in self.model_dump().items():
-            out[key.replace("_", "-")] = "" if value is None else (
-                str(value) if isinstance(value, Path) else value
+            out[key.replace("_", "-")] = (
+                "" if value is None else (str(value) if isinstance(value, Path) else value)
             )
         return out
 

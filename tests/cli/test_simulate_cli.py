@@ -16,7 +16,12 @@ def _fedcrypt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "fedcrypt.cli.main", *args],
-        capture_output=True, text=True, timeout=120, cwd=cwd, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env,
+        check=False,
     )
 
 
@@ -44,10 +49,14 @@ def test_unknown_choices(args: list[str], needles: list[str], tmp_path: Path) ->
 
 
 def test_missing_and_corrupt_npz(tmp_path: Path) -> None:
-    proc = _fedcrypt("simulate", "--dataset", "breastmnist", "--data-dir", str(tmp_path), cwd=tmp_path)
+    proc = _fedcrypt(
+        "simulate", "--dataset", "breastmnist", "--data-dir", str(tmp_path), cwd=tmp_path
+    )
     _assert_user_error(proc, "breastmnist.npz")
     (tmp_path / "breastmnist.npz").write_bytes(b"this is not a zip archive")
-    proc = _fedcrypt("simulate", "--dataset", "breastmnist", "--data-dir", str(tmp_path), cwd=tmp_path)
+    proc = _fedcrypt(
+        "simulate", "--dataset", "breastmnist", "--data-dir", str(tmp_path), cwd=tmp_path
+    )
     _assert_user_error(proc, "breastmnist.npz")
 
 

@@ -38,7 +38,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def test_ckks_global_weights_equal_plain_fedavg_within_the_ckks_bound(runs: dict[str, Path]) -> None:
+def test_ckks_global_weights_equal_plain_fedavg_within_the_ckks_bound(
+    runs: dict[str, Path],
+) -> None:
     """|w_ckks - w_plain| <= CKKS bound + float32 rounding.
 
     Both runs start from the same weights and train identically (same seed), so their
@@ -73,8 +75,17 @@ def test_run_directory_holds_the_report(runs: dict[str, Path]) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["config"]["protection"] == "ckks"
     (rnd,) = metrics["rounds"]
-    for key in ("round", "loss", "accuracy", "auc", "seconds", "bytes_up_per_client",
-                "encrypt_seconds", "aggregate_seconds", "decrypt_seconds"):
+    for key in (
+        "round",
+        "loss",
+        "accuracy",
+        "auc",
+        "seconds",
+        "bytes_up_per_client",
+        "encrypt_seconds",
+        "aggregate_seconds",
+        "decrypt_seconds",
+    ):
         assert key in rnd and rnd[key] is not None, key
     # ckks ciphertexts are much larger than the float64 plain payload
     plain_rnd = json.loads((runs["plain"] / "metrics.json").read_text())["rounds"][0]

@@ -16,9 +16,11 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
     counts = [10, 30, 60]
     hospital, server = PlainHospital(), PlainAggregator()
     assert isinstance(hospital, HospitalProtection) and isinstance(server, ServerAggregator)
-    agg = server.aggregate([hospital.protect(u, num_examples=n) for u, n in zip(updates, counts)])
+    agg = server.aggregate(
+        [hospital.protect(u, num_examples=n) for u, n in zip(updates, counts, strict=True)]
+    )
     result = hospital.unprotect(agg)
-    expected = sum(n * u for u, n in zip(updates, counts)) / sum(counts)
+    expected = sum(n * u for u, n in zip(updates, counts, strict=True)) / sum(counts)
     np.testing.assert_allclose(result.mean, expected, rtol=0, atol=1e-12)
     assert (result.total_examples, result.num_updates) == (100, 3)
 
@@ -41,8 +43,9 @@ def test_bad_updates_are_refused(update: np.ndarray, n: int, match: str) -> None
 def test_mismatched_sizes_and_empty_rounds_are_refused() -> None:
     h = PlainHospital()
     with pytest.raises(AggregationError, match="sizes differ"):
-        PlainAggregator().aggregate([h.protect(np.ones(3), num_examples=1),
-                                     h.protect(np.ones(4), num_examples=1)])
+        PlainAggregator().aggregate(
+            [h.protect(np.ones(3), num_examples=1), h.protect(np.ones(4), num_examples=1)]
+        )
     with pytest.raises(AggregationError, match="no updates"):
         PlainAggregator().aggregate([])
 

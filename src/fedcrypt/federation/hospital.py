@@ -158,7 +158,9 @@ class Hospital:
         return seconds
 
     # -- one round ------------------------------------------------------------------
-    def fit(self, payload: bytes, kind: str, *, server_round: int) -> tuple[bytes, dict[str, float]]:
+    def fit(
+        self, payload: bytes, kind: str, *, server_round: int
+    ) -> tuple[bytes, dict[str, float]]:
         """Train on local data from the global model and protect the resulting weights.
 
         Returns

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord
 
 from fedcrypt.exceptions import ProtocolError
 
@@ -33,9 +34,7 @@ def blob_from(record: ArrayRecord | None) -> bytes:
     return bytes(arr.data)
 
 
-def weighted_metrics(
-    records: Iterable[Mapping[str, float | int | list[float]]], *, weight_key: str
-) -> dict[str, float]:
+def weighted_metrics(records: Iterable[Mapping[str, Any]], *, weight_key: str) -> dict[str, float]:
     """Example-weighted mean of every scalar metric (NaN values are skipped).
 
     Parameters
@@ -48,7 +47,7 @@ def weighted_metrics(
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for rec in records:
-        w = float(rec.get(weight_key, 0) or 0)  # type: ignore[arg-type]
+        w = float(rec.get(weight_key, 0) or 0)
         for key, value in rec.items():
             if key == weight_key or isinstance(value, list):
                 continue
@@ -58,3 +57,9 @@ def weighted_metrics(
             sums[key] = sums.get(key, 0.0) + w * v
             weights[key] = weights.get(key, 0.0) + w
     return {k: sums[k] / weights[k] for k in sums}
+
+
+def plain_mean(records: Iterable[Mapping[str, Any]], key: str) -> float:
+    """Unweighted mean of ``key`` over records (per-hospital costs: bytes, seconds)."""
+    values = [float(r.get(key, 0.0)) for r in records]
+    return sum(values) / len(values) if values else 0.0

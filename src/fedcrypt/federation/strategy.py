@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcrypt.exceptions import AggregationError
 from fedcrypt.federation.hospital import AGGREGATE, INITIAL
-from fedcrypt.federation.records import blob_from, blob_record, weighted_metrics
+from fedcrypt.federation.records import blob_from, blob_record, plain_mean, weighted_metrics
 from fedcrypt.protection.base import ServerAggregator
 from fedcrypt.report.records import RoundRecord
 
@@ -96,10 +96,8 @@ class ProtectedFedAvg(Strategy):
         replies = list(replies)
         errors = [r for r in replies if r.has_error()]
         if errors:
-            reason = errors[0].error.reason
-            raise AggregationError(
-                f"{len(errors)} hospital(s) failed in {phase}: {reason.strip().splitlines()[-1]}"
-            )
+            reason = (errors[0].error.reason or "no reason given").strip().splitlines()
+            raise AggregationError(f"{len(errors)} hospital(s) failed in {phase}: {reason[-1]}")
         if len(replies) < self.num_clients:
             raise AggregationError(
                 f"only {len(replies)} of {self.num_clients} hospitals answered in {phase} "
@@ -120,7 +118,7 @@ class ProtectedFedAvg(Strategy):
         train = weighted_metrics(metrics, weight_key="num-examples")
         # bytes and seconds are per-hospital costs: plain means, not example-weighted
         for key in ("bytes-up", "protect-seconds", "unprotect-seconds"):
-            train[key] = sum(float(m[key]) for m in metrics) / len(metrics)  # type: ignore[arg-type]
+            train[key] = plain_mean(metrics, key)
         if self._round is not None:
             self._round.train = train
             self._round.aggregate_seconds = seconds
@@ -151,7 +149,7 @@ class ProtectedFedAvg(Strategy):
             [{k: v for k, v in m.items() if k.startswith("test-")} for m in records],
             weight_key="test-examples",
         )
-        decrypt = sum(float(m.get("unprotect-seconds", 0.0)) for m in records) / len(records)  # type: ignore[arg-type]
+        decrypt = plain_mean(records, "unprotect-seconds")
         for m in records:
             if "roc-fpr" in m:
                 self.roc = {"fpr": list(m["roc-fpr"]), "tpr": list(m["roc-tpr"])}  # type: ignore[arg-type]

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from fedcrypt.report.records import RunRecord  # noqa: E402
+from fedcrypt.report.records import RunRecord
 
 
 def plot_roc(record: RunRecord, path: Path) -> Path | None:
@@ -53,12 +53,24 @@ def plot_rounds(record: RunRecord, path: Path) -> Path:
     ax = axes[2]
     width = 0.2
     xs = range(len(rounds))
-    ax.bar([x - 1.5 * width for x in xs], [r.encrypt_seconds for r in record.rounds], width,
-           label="protect (hospital)")
-    ax.bar([x - 0.5 * width for x in xs], [r.aggregate_seconds for r in record.rounds], width,
-           label="aggregate (server)")
-    ax.bar([x + 0.5 * width for x in xs], [r.decrypt_seconds for r in record.rounds], width,
-           label="unprotect (hospital)")
+    ax.bar(
+        [x - 1.5 * width for x in xs],
+        [r.encrypt_seconds for r in record.rounds],
+        width,
+        label="protect (hospital)",
+    )
+    ax.bar(
+        [x - 0.5 * width for x in xs],
+        [r.aggregate_seconds for r in record.rounds],
+        width,
+        label="aggregate (server)",
+    )
+    ax.bar(
+        [x + 0.5 * width for x in xs],
+        [r.decrypt_seconds for r in record.rounds],
+        width,
+        label="unprotect (hospital)",
+    )
     ax.set_xticks(list(xs), [str(r) for r in rounds])
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")

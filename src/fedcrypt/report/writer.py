@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from fedcrypt.federation.app import Outcome
 
 THREAT = {
-    "plain": "the server saw every hospital's update and the global model (baseline, no protection).",
+    "plain": (
+        "the server saw every hospital's update and the global model (baseline, no protection)."
+    ),
     "ckks": (
         "the server held only the public CKKS context and added ciphertexts: it never saw an "
         "individual update nor the global model. Hospitals share the secret key."
