@@ -16,7 +16,8 @@ with its own folder and ``FLWR_HOME`` under ``work_dir``:
 The hospital key path travels only in the SuperNodes' ``--node-config``; the run config
 (seen by the SuperLink, the ServerApp and every SuperNode) carries only ``server-key``
 and ``run-dir``. Every process is started in its own process group and stopped
-(SIGTERM, then SIGKILL) when the function returns, also on failure or timeout.
+(SIGTERM, then SIGKILL, then any descendant that left its group) when the function
+returns, also on failure or timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import json
 import logging
 import math
 import os
+import random
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,8 @@ CONNECTION = "fedcrypt-local"
 HOST = "127.0.0.1"
 _TERMINAL = "finished"
 _COMPLETED = "finished:completed"
+_MARKER = "FEDCRYPT_DEPLOYMENT"
+_STATUS_EVERY = 10.0  # seconds between run-status queries while the run goes on
 
 ConfigValue = str | int | float | bool
 
@@ -243,8 +249,33 @@ def make_node_key_pair(out_dir: Path, name: str = "supernode") -> tuple[Path, Pa
 
 
 # -- processes -----------------------------------------------------------------------------
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; else IANA's)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free now, outside the ephemeral range.
+
+    A port the kernel hands out with ``bind(0)`` can be taken by an outgoing
+    connection (the SuperNodes open many) before the server that is meant to listen
+    on it starts, so ports are picked at random below the ephemeral range.
+    """
+    low, high = _ephemeral_ports()
+    first, last = (10_000, low - 1) if low > 11_000 else (high + 1, 65_535)
+    rng = random.SystemRandom()
+    for _ in range(200 if first < last else 0):
+        port = rng.randint(first, last)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
@@ -280,17 +311,22 @@ def _node_config(values: Mapping[str, ConfigValue]) -> str:
 
 @dataclass
 class _Processes:
-    """Long-running processes of the deployment, each in its own process group."""
+    """Long-running processes of the deployment, each in its own process group.
+
+    Every process gets ``FEDCRYPT_DEPLOYMENT=<token>`` in its environment, which its
+    descendants inherit; :meth:`stop_all` uses it to also find the processes that
+    leave the group (the SuperLink starts its SuperExec in a new session, and the
+    ServerApp process below it outlives the SuperLink by a while).
+    """
 
     base_env: dict[str, str]
     logs_dir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
 
-    def env(self, flwr_home: Path, **extra: str) -> dict[str, str]:
-        env = dict(self.base_env)
-        env["FLWR_HOME"] = str(flwr_home)
-        env.update(extra)
-        return env
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        """The environment of a process whose Flower home is ``flwr_home``."""
+        return {**self.base_env, "FLWR_HOME": str(flwr_home), _MARKER: self.token}
 
     def start(self, name: str, args: list[str], *, env: dict[str, str], cwd: Path) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
@@ -334,11 +370,52 @@ class _Processes:
             _signal_group(proc, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+        deadline = time.monotonic() + grace
+        while True:
+            strays = _marked_processes(self.token)
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if not strays and not any(_group_exists(proc) for proc in self.procs.values()):
+                return
+            if time.monotonic() > deadline:
+                log.warning("some processes of the deployment did not exit: %s", strays)
+                return
+            time.sleep(0.1)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)  # start_new_session: the group ID is the leader's PID
+
+
+def _marked_processes(token: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``FEDCRYPT_DEPLOYMENT=token``.
+
+    Linux only (``/proc``); elsewhere an empty list.
+    """
+    needle = f"{_MARKER}={token}".encode()
+    found: list[int] = []
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        return found
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def _group_exists(proc: subprocess.Popen[bytes]) -> bool:
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _wait_for_port(port: int, procs: _Processes, deadline: float) -> None:
@@ -621,9 +698,18 @@ def deploy_locally(
         )
         _wait_for_port(port, procs, deadline)
         flwr = _Flwr(procs.env(operator_home), parties.operator)
+        keys = [make_node_key_pair(folder / "auth") for folder in parties.hospitals]
+        with ThreadPoolExecutor(max_workers=min(8, clients)) as pool:
+            registrations = [
+                pool.submit(
+                    _register, flwr, public, name=f"hospital-{i}", procs=procs, deadline=deadline
+                )
+                for i, (_, public) in enumerate(keys)
+            ]
+            for done in registrations:
+                done.result()
         for i, folder in enumerate(parties.hospitals):
-            private, public = make_node_key_pair(folder / "auth")
-            _register(flwr, public, name=f"hospital-{i}", procs=procs, deadline=deadline)
+            private = keys[i][0]
             procs.start(
                 f"hospital-{i}",
                 _supernode_argv(parties, i, port=port, private_key=private, data_dir=data_dir),
@@ -636,13 +722,17 @@ def deploy_locally(
         answer = flwr("run", app, CONNECTION, "--run-config", str(run_config_file))
         run_id = int(answer["run-id"])
         log.info("run %d submitted to %s:%d", run_id, HOST, port)
+        metrics_file = parties.run_dir / "metrics.json"
+        status = "unknown"
         try:
-            status = _wait_for_run(flwr, run_id, procs=procs, deadline=deadline)
+            status = _wait_for_run(
+                flwr, run_id, procs=procs, deadline=deadline, done_file=metrics_file
+            )
         finally:
             seconds = time.monotonic() - started
-            _save_run_log(flwr, run_id, parties.logs / "serverapp.log")
+            if status != _COMPLETED:
+                _save_run_log(flwr, run_id, parties.logs / "serverapp.log")
 
-    metrics_file = parties.run_dir / "metrics.json"
     if status != _COMPLETED or not metrics_file.is_file():
         raise DeploymentError(
             f"run {run_id} ended as {status!r}"
@@ -684,16 +774,25 @@ def _save_run_log(flwr: _Flwr, run_id: int, path: Path) -> None:
         log.warning("could not fetch the log of run %d: %s", run_id, exc)
 
 
-def _wait_for_run(flwr: _Flwr, run_id: int, *, procs: _Processes, deadline: float) -> str:
-    """Poll ``flwr ls --run-id`` until the run has finished; return its status."""
-    status = "pending"
+def _wait_for_run(
+    flwr: _Flwr, run_id: int, *, procs: _Processes, deadline: float, done_file: Path
+) -> str:
+    """Wait until the run has finished and return its status (``flwr ls --run-id``).
+
+    Every ``flwr`` call starts a Python process, so the status is asked for every
+    ``_STATUS_EVERY`` seconds only, and once a second after ``done_file`` appears.
+    """
+    status, asked = "pending", -math.inf
     while True:
         procs.check_alive()
-        answer = flwr("ls", CONNECTION, "--run-id", str(run_id))
-        runs = answer.get("runs") or []
-        status = str(runs[0].get("status", status)) if runs else status
-        if status.startswith(_TERMINAL):
-            return status
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if done_file.is_file() or now - asked >= _STATUS_EVERY:
+            asked = now
+            answer = flwr("ls", CONNECTION, "--run-id", str(run_id))
+            runs = answer.get("runs") or []
+            status = str(runs[0].get("status", status)) if runs else status
+            if status.startswith(_TERMINAL):
+                return status
+        if now > deadline:
             raise DeploymentError(f"run {run_id} still {status!r} at the timeout")
-        time.sleep(2.0)
+        time.sleep(1.0)
