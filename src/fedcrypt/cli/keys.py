@@ -57,8 +57,35 @@ def info(
     table.add_row("preset", p.name)
     table.add_row("poly_modulus_degree", str(p.poly_modulus_degree))
     table.add_row("coeff_mod_bit_sizes", ",".join(str(b) for b in p.coeff_mod_bit_sizes))
-    table.add_row("scale", f"2^{p.scale_bits}")
+    table.add_row("encoding", p.encoding)
+    if p.is_packed:
+        packing = p.packing()
+        table.add_row("plain modulus", f"{p.plain_modulus_bits}-bit prime")
+        table.add_row("packing", f"{packing.fields} x {packing.field_bits}-bit fields per slot")
+        table.add_row("calibration step", f"2^-{p.scale_bits}")
+    else:
+        table.add_row("scale", f"2^{p.scale_bits}")
     table.add_row("max hospitals", str(p.max_hospitals))
     table.add_row("fingerprint", meta.fingerprint)
     table.add_row("size", f"{meta.size_bytes} bytes")
+    _console.print(table)
+
+
+@app.command("presets")
+def presets() -> None:
+    """List the HE parameter presets (all pass the 128-bit security check)."""
+    table = Table(title="HE presets (--he-preset)")
+    for col in ("name", "encoding", "N", "coeff bits", "values/ciphertext", "description"):
+        table.add_column(col, overflow="fold")
+    for name, p in PRESETS.items():
+        per_ct = p.slots * (p.packing().fields if p.is_packed else 1)
+        label = f"{name} (default)" if name == DEFAULT_PRESET else name
+        table.add_row(
+            label,
+            p.encoding,
+            str(p.poly_modulus_degree),
+            ",".join(str(b) for b in p.coeff_mod_bit_sizes),
+            f"{per_ct:,}",
+            p.description,
+        )
     _console.print(table)

@@ -325,11 +325,8 @@ PRESETS: dict[str, CKKSPreset] = {
             fields_per_slot=2,
             encoding=ENCODING_BFV,
             description=(
-                "quantized and packed: BFV batching (SEAL), N=4096, one 60-bit data prime "
-                "(109 bits total, the 128-bit maximum), 45-bit plaintext prime holding two "
-                "22-bit fields per slot (8192 values per ciphertext), steps per block of 64 "
-                "values calibrated on the global model; first (calibration) round: one "
-                "44-bit field per slot at 2^-12"
+                "BFV batching (SEAL), 45-bit plaintext prime, 2 x 22-bit quantized values "
+                "per slot, steps calibrated on the global model"
             ),
         ),
         CKKSPreset(
@@ -341,8 +338,7 @@ PRESETS: dict[str, CKKSPreset] = {
             fields_per_slot=3,
             encoding=ENCODING_BFV,
             description=(
-                "like 'packed' with three 14-bit fields per slot (12288 values per "
-                "ciphertext): a third smaller, about 8 bits coarser"
+                "as 'packed' with 3 x 14-bit values per slot: a third smaller, about 8 bits coarser"
             ),
         ),
         CKKSPreset(
@@ -350,19 +346,14 @@ PRESETS: dict[str, CKKSPreset] = {
             poly_modulus_degree=4096,
             coeff_mod_bit_sizes=(60, 49),
             scale_bits=26,
-            description=(
-                "smallest packed CKKS key for add-only aggregation: N=4096, one 60-bit data "
-                "prime (109 bits total, the 128-bit maximum for N=4096), scale 2^26"
-            ),
+            description="float CKKS (TenSEAL), N=4096, one 60-bit data prime, scale 2^26",
         ),
         CKKSPreset(
             name="paper-heavy",
             poly_modulus_degree=32768,
             coeff_mod_bit_sizes=(60, *([40] * 8), 60),
             scale_bits=40,
-            description=(
-                "Lessage et al., heaviest key of Table I: N=32768, [60]+[40]*8+[60], scale 2^40"
-            ),
+            description="Lessage et al.'s heavy key: N=32768, [60]+[40]*8+[60], scale 2^40",
         ),
         CKKSPreset(
             name="paper-light",
@@ -370,8 +361,8 @@ PRESETS: dict[str, CKKSPreset] = {
             coeff_mod_bit_sizes=(40, 21, 21, 21, 21, 21, 21, 40),
             scale_bits=21,
             description=(
-                "a light key of the kind in Lessage et al. Table I (TenSEAL tutorial set): "
-                "N=8192, [40,21*6,40] (206 bits <= 218), scale 2^21"
+                "light key in the paper's style (stand-in: TenSEAL tutorial set "
+                "[40,21*6,40]), scale 2^21"
             ),
         ),
         CKKSPreset(
@@ -379,7 +370,9 @@ PRESETS: dict[str, CKKSPreset] = {
             poly_modulus_degree=8192,
             coeff_mod_bit_sizes=(60, 40, 40),
             scale_bits=40,
-            description="NVIDIA FLARE HE defaults: N=8192, [60,40,40], scale 2^40",
+            description=(
+                "NVIDIA FLARE HEBuilder defaults: N=8192, [60,40,40], scale 2^40, symmetric"
+            ),
         ),
     )
 }

@@ -184,6 +184,15 @@ class SelectiveHospital:
         """The encrypting scheme."""
         return self._inner
 
+    def set_reference(self, mean: NDArray[np.floating] | None, *, total_examples: int) -> None:
+        """Forward a global model (shape ``(P,)``) to ``inner`` for its calibration."""
+        setter = getattr(self._inner, "set_reference", None)
+        if setter is not None:
+            setter(
+                None if mean is None else np.asarray(mean)[self._mask],
+                total_examples=total_examples,
+            )
+
     def protect(self, update: NDArray[np.floating], *, num_examples: int) -> bytes:
         """Encrypt the selected values, send ``num_examples * rest`` as float64.
 

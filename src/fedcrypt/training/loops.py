@@ -131,6 +131,11 @@ def train(
         )
     if seed is not None:
         torch.manual_seed(int(seed))
+        gen = getattr(loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            # the loader's own shuffling generator too: a round's result must not depend
+            # on whether this process trained the hospital before (simulation workers)
+            gen.manual_seed(int(seed))
     device = _device(model)
     weights = _balanced_weights(loader) if class_weight == "balanced" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
