@@ -75,7 +75,7 @@ def plot_rounds(record: RunRecord, path: Path) -> Path:
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     mb = record.rounds[-1].bytes_up_per_client / 1e6 if record.rounds else 0.0
-    ax.set_title(f"protection cost ({mb:.2f} MB up per hospital per round)")
+    ax.set_title(f"protection cost, {mb:.2f} MB up/hospital/round", fontsize=10)
     ax.legend(fontsize=8)
     scheme = record.config.get("protection", "?")
     fig.suptitle(f"fedcrypt run: {record.config.get('dataset')} / {scheme}", fontsize=11)
