@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrypt.config import RunConfig
-from fedcrypt.exceptions import ConfigError, FedcryptError
+from fedcrypt.exceptions import ConfigError
 from fedcrypt.federation.hospital import Hospital, initial_payload
 from fedcrypt.federation.records import blob_from, blob_record
 from fedcrypt.federation.strategy import ProtectedFedAvg
@@ -67,9 +67,7 @@ class Outcome:
             self.on_round(record)
 
 
-def run_server(
-    grid: Grid, config: RunConfig, *, server_key: Path | None, outcome: Outcome
-) -> None:
+def run_server(grid: Grid, config: RunConfig, *, server_key: Path | None, outcome: Outcome) -> None:
     """The ServerApp body: protected FedAvg for ``config.rounds`` rounds.
 
     Errors are stored in ``outcome.error`` (and re-raised) so the caller can exit
@@ -131,7 +129,9 @@ class HospitalSetup:
             if node.get("data-dir"):
                 values["data-dir"] = node["data-dir"]
             cfg = RunConfig.from_flower(values)
-        key = self.hospital_key or (Path(str(node["hospital-key"])) if node.get("hospital-key") else None)
+        key = self.hospital_key or (
+            Path(str(node["hospital-key"])) if node.get("hospital-key") else None
+        )
         out = self.output_dir
         if out is None and node.get("output-dir"):
             out = Path(str(node["output-dir"]))
@@ -154,8 +154,6 @@ class HospitalSetup:
         return hospital
 
 
-
-
 def build_client_app(setup: HospitalSetup) -> ClientApp:
     """A ClientApp whose hospitals are configured by ``setup``."""
     app = ClientApp()
@@ -166,7 +164,9 @@ def build_client_app(setup: HospitalSetup) -> ClientApp:
         cfg = msg.content.config_records["config"]
         payload = blob_from(msg.content.array_records.get("arrays"))
         update, metrics = hospital.fit(
-            payload, str(cfg["kind"]), server_round=int(cfg["server-round"])  # type: ignore[arg-type]
+            payload,
+            str(cfg["kind"]),
+            server_round=int(cfg["server-round"]),  # type: ignore[arg-type]
         )
         content = RecordDict({"arrays": blob_record(update), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
         return Message(content=content, reply_to=msg)

@@ -10,13 +10,19 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcrypt.config import RunConfig
-from fedcrypt.exceptions import AggregationError, ConfigError, KeyMaterialError
+from fedcrypt.exceptions import AggregationError, KeyMaterialError
 from fedcrypt.federation.app import HospitalSetup, Outcome, build_client_app, build_server_app
+from fedcrypt.federation.secagg_flow import SecAggOptions
 from fedcrypt.protection.registry import HOSPITAL_KEY_FILE, SERVER_KEY_FILE
 from fedcrypt.report.records import RoundRecord, RunRecord
 from fedcrypt.report.writer import write_run
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,9 @@ def _quiet_environment(verbose: bool) -> None:
 
 
 @contextlib.contextmanager
-def _key_files(config: RunConfig, keys_dir: Path | None) -> Iterator[tuple[Path | None, Path | None]]:
+def _key_files(
+    config: RunConfig, keys_dir: Path | None
+) -> Iterator[tuple[Path | None, Path | None]]:
     """Yield (hospital key, server key) paths; fresh keys live in a temporary folder."""
     if config.protection != "ckks":
         yield None, None
@@ -59,8 +67,10 @@ def _check_keys(config: RunConfig, hospital_key: Path | None, server_key: Path |
 
     server_side = server_aggregator(config.protection, key_file=server_key)
     hospital_side = hospital_protection(config.protection, key_file=hospital_key)
-    fingerprints = {getattr(server_side, "fingerprint", None),
-                    getattr(hospital_side, "fingerprint", None)}
+    fingerprints = {
+        getattr(server_side, "fingerprint", None),
+        getattr(hospital_side, "fingerprint", None),
+    }
     if len(fingerprints) != 1:
         raise KeyMaterialError(
             f"{hospital_key} and {server_key} belong to different key contexts: "
@@ -77,7 +87,9 @@ def check_run(config: RunConfig, *, keys_dir: Path | None = None) -> None:
         The first problem found (ConfigError, DataError, KeyMaterialError, ...).
     """
     if config.protection == "secagg":
-        raise ConfigError("protection 'secagg' is not available in simulate yet")
+        from fedcrypt.federation.secagg_flow import SecAggOptions
+
+        SecAggOptions().params(config)
     from fedcrypt.federation.hospital import initial_payload
 
     initial_payload(config)
@@ -91,6 +103,28 @@ def check_run(config: RunConfig, *, keys_dir: Path | None = None) -> None:
                 _check_keys(config, hospital_key, server_key)
 
 
+def _secagg_apps(
+    config: RunConfig, *, options: SecAggOptions, run_dir: Path, outcome: Outcome
+) -> tuple[ServerApp, ClientApp]:
+    """Server and client apps of a ``secagg`` run, with fresh keys for this run only."""
+    from fedcrypt.federation.secagg_client import (
+        SecAggClientSetup,
+        SecAggKeys,
+        build_secagg_client_app,
+    )
+    from fedcrypt.federation.secagg_flow import build_secagg_server_app
+
+    params = options.params(config)
+    keys = SecAggKeys.generate(range(config.clients), group_mask=params.group_mask)
+    server_app = build_secagg_server_app(config, keys=keys, options=options, outcome=outcome)
+    client_app = build_secagg_client_app(
+        SecAggClientSetup(
+            config=config, params=params, keys=keys, output_dir=run_dir, torch_threads=1
+        )
+    )
+    return server_app, client_app
+
+
 def run_simulation(
     config: RunConfig,
     *,
@@ -98,6 +132,7 @@ def run_simulation(
     keys_dir: Path | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     verbose: bool = False,
+    secagg: SecAggOptions | None = None,
 ) -> RunRecord:
     """Simulate ``config.clients`` hospitals and a server; write the run directory.
 
@@ -115,6 +150,10 @@ def run_simulation(
         Called with each finished round (progress display).
     verbose : bool
         Keep Flower's and Ray's logs (default: False).
+    secagg : SecAggOptions, optional
+        ``secagg`` tunables (default: :class:`SecAggOptions` defaults). Fresh Ed25519
+        keys and a fresh consortium key are made for every run; the server gets only the
+        registry of public keys.
 
     Returns
     -------
@@ -134,11 +173,18 @@ def run_simulation(
     outcome = Outcome(on_round=on_round)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _key_files(config, keys_dir) as (hospital_key, server_key):
-        _check_keys(config, hospital_key, server_key)
-        server_app = build_server_app(config, server_key=server_key, outcome=outcome)
-        client_app = build_client_app(
-            HospitalSetup(config=config, hospital_key=hospital_key, output_dir=run_dir, torch_threads=1)
-        )
+        if config.protection == "secagg":
+            server_app, client_app = _secagg_apps(
+                config, options=secagg or SecAggOptions(), run_dir=run_dir, outcome=outcome
+            )
+        else:
+            _check_keys(config, hospital_key, server_key)
+            server_app = build_server_app(config, server_key=server_key, outcome=outcome)
+            client_app = build_client_app(
+                HospitalSetup(
+                    config=config, hospital_key=hospital_key, output_dir=run_dir, torch_threads=1
+                )
+            )
         backend = {
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {
