@@ -2,6 +2,586 @@
 
 from __future__ import annotations
 
-import typer
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
 
-app = typer.Typer(help="Consortium portal: serve it, or take part as a hospital.", no_args_is_help=True)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedcrypt.exceptions import ConfigError
+from fedcrypt.portal.client import PortalClient
+
+app = typer.Typer(
+    help="Consortium portal: serve it, or take part as a hospital.", no_args_is_help=True
+)
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+URL_ENV = "FEDCRYPT_PORTAL_URL"
+TOKEN_ENV = "FEDCRYPT_PORTAL_TOKEN"  # noqa: S105 (a variable name)
+PASSWORD_ENV = "FEDCRYPT_PORTAL_PASSWORD"  # noqa: S105
+ADMIN_PASSWORD_ENV = "FEDCRYPT_PORTAL_ADMIN_PASSWORD"  # noqa: S105
+ADMIN_EMAIL_ENV = "FEDCRYPT_PORTAL_ADMIN_EMAIL"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+Url = Annotated[
+    str, typer.Option("--url", envvar=URL_ENV, help="The portal's address.", show_default=True)
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar=TOKEN_ENV,
+        help="API token (from the account page or 'portal token').",
+        show_default=False,
+    ),
+]
+FedRef = Annotated[str, typer.Argument(help="Federation id or name.")]
+RoundOpt = Annotated[
+    int | None, typer.Option("--round", "-r", help="Round number [default: the current round].")
+]
+
+
+def make_client(url: str, token: str | None) -> PortalClient:
+    """The HTTP client the commands use (tests replace it with an in-process one)."""
+    return PortalClient(url, token=token)
+
+
+def _authed(url: str, token: str | None) -> PortalClient:
+    if not token:
+        raise ConfigError(
+            f"no API token: pass --token or set {TOKEN_ENV} (create one on the portal's "
+            "account page or with 'fedcrypt portal token')"
+        )
+    return make_client(url, token)
+
+
+def _password(prompt: str, *, confirm: bool = False) -> str:
+    value = os.environ.get(PASSWORD_ENV)
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise ConfigError(f"no password: set {PASSWORD_ENV} or run in a terminal to be prompted")
+    return str(typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True))
+
+
+def _resolve_round(client: PortalClient, fed_id: int, number: int | None) -> int:
+    if number is not None:
+        return number
+    rounds = client.rounds(fed_id)
+    if not rounds:
+        raise ConfigError("the federation has no rounds yet: its initial model is not published")
+    return rounds[-1].number
+
+
+# --- the server -----------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db", help="SQLAlchemy database URL [default: sqlite:///DATA_DIR/portal.db]."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Folder for uploaded blobs (and the SQLite file).")
+    ] = Path("portal-data"),
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_upload_mb: Annotated[
+        int, typer.Option("--max-upload-mb", help="Largest accepted upload in MiB.")
+    ] = 1024,
+    admin_email: Annotated[
+        str, typer.Option("--admin-email", envvar=ADMIN_EMAIL_ENV, help="Admin e-mail (first run).")
+    ] = "admin@localhost",
+    secure_cookies: Annotated[
+        bool, typer.Option("--secure-cookies", help="Mark cookies Secure (behind HTTPS).")
+    ] = False,
+    tick: Annotated[
+        float, typer.Option("--tick", help="Seconds between round-deadline checks.")
+    ] = 5.0,
+) -> None:
+    """Run the portal (first run: create the admin from FEDCRYPT_PORTAL_ADMIN_PASSWORD)."""
+    import uvicorn
+
+    from fedcrypt.portal.app import create_app
+    from fedcrypt.portal.config import PortalSettings, default_db_url, load_or_create_secret
+    from fedcrypt.portal.context import Portal
+    from fedcrypt.portal.services import accounts
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if max_upload_mb < 1:
+        raise ConfigError(f"--max-upload-mb must be >= 1, got {max_upload_mb}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = PortalSettings(
+        db_url=db or default_db_url(data_dir),
+        data_dir=data_dir.resolve(),
+        secret_key=load_or_create_secret(data_dir),
+        max_upload_mb=max_upload_mb,
+        cookie_secure=secure_cookies,
+        tick_interval_s=tick,
+    )
+    portal = Portal.open(settings)
+    try:
+        with portal.session() as session:
+            has_admin = accounts.admin_exists(session)
+        if not has_admin:
+            password = os.environ.get(ADMIN_PASSWORD_ENV)
+            if not password:
+                if not sys.stdin.isatty():
+                    raise ConfigError(
+                        f"first run: set {ADMIN_PASSWORD_ENV} (at least 12 characters) to "
+                        "create the consortium admin account"
+                    )
+                password = str(
+                    typer.prompt(
+                        f"Password for the new admin {admin_email}",
+                        hide_input=True,
+                        confirmation_prompt=True,
+                        err=True,
+                    )
+                )
+            try:
+                accounts.create_admin(portal, email=admin_email, password=password)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            err.print(f"created the consortium admin account {admin_email}")
+    finally:
+        portal.close()
+    application = create_app(settings)
+    err.print(
+        f"fedcrypt portal on http://{host}:{port}  (API docs: /docs; data: {settings.data_dir}; "
+        f"upload limit {max_upload_mb} MiB)"
+    )
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+# --- accounts -------------------------------------------------------------------------
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Option("--name", help="Hospital name.")],
+    email: Annotated[str, typer.Option("--email", help="Contact e-mail (the login).")],
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Register a hospital (password from FEDCRYPT_PORTAL_PASSWORD or prompted)."""
+    password = _password("Password (at least 12 characters)", confirm=True)
+    with make_client(url, None) as client:
+        user = client.register(name=name, email=email, password=password)
+    console.print(
+        f"registered {user.name} <{user.email}>: status {user.status}; the admin approves it"
+    )
+
+
+@app.command()
+def token(
+    email: Annotated[str, typer.Option("--email", help="Account e-mail.")],
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Print a new API token for an approved account (revokes the previous one)."""
+    password = _password("Password")
+    with make_client(url, None) as client:
+        out = client.issue_token(email=email, password=password)
+    err.print(f"new API token for {out.user.email}, expires {out.expires_at:%Y-%m-%d}; shown once:")
+    typer.echo(out.token)
+
+
+@app.command()
+def hospitals(
+    status: Annotated[
+        str | None, typer.Option(help="pending, approved, rejected or suspended.")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """List hospital accounts (admin)."""
+    with _authed(url, token) as client:
+        rows = client.hospitals(status=status)
+    table = Table("id", "hospital", "e-mail", "status", "registered")
+    for u in rows:
+        table.add_row(str(u.id), u.name, u.email, u.status, f"{u.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+def _decide(ref: str, decision: str, url: str, token: str | None) -> None:
+    with _authed(url, token) as client:
+        if ref.isdigit():
+            hid = int(ref)
+        else:
+            match = [u for u in client.hospitals() if u.email == ref.lower()]
+            if not match:
+                raise ConfigError(f"no hospital with e-mail {ref!r}")
+            hid = match[0].id
+        user = client.decide(hid, decision)
+    console.print(f"{user.name} <{user.email}>: {user.status}")
+
+
+@app.command()
+def approve(
+    hospital: Annotated[str, typer.Argument(help="Hospital id or e-mail.")],
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Approve a pending hospital (admin)."""
+    _decide(hospital, "approve", url, token)
+
+
+@app.command()
+def reject(
+    hospital: Annotated[str, typer.Argument(help="Hospital id or e-mail.")],
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Reject a hospital's registration (admin)."""
+    _decide(hospital, "reject", url, token)
+
+
+# --- federations ----------------------------------------------------------------------
+
+
+@app.command("init-model")
+def init_model(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the state_dict.")],
+    model: Annotated[str, typer.Option(help="mlp, cnn or mobilenetv2.")] = "mlp",
+    dataset: Annotated[
+        str, typer.Option(help="Dataset that fixes the input shape and classes.")
+    ] = "wdbc",
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Folder of MedMNIST .npz files.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+) -> None:
+    """Write a freshly initialised model's state_dict (the federation's initial model)."""
+    import torch
+
+    from fedcrypt.data.datasets import load_dataset
+    from fedcrypt.models import create_model
+    from fedcrypt.protection.packing import Layout
+
+    ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    torch.manual_seed(seed)
+    net = create_model(model, input_shape=ds.input_shape, num_classes=ds.num_classes)
+    state = net.state_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    size = Layout.of(state).size
+    console.print(
+        f"wrote {out}: {model} for {dataset} {ds.input_shape} -> {ds.num_classes} classes, "
+        f"{size} values"
+    )
+
+
+@app.command("create-federation")
+def create_federation(
+    name: Annotated[str, typer.Option("--name", help="Federation name.")],
+    initial_model: Annotated[
+        Path, typer.Option("--initial-model", help="state_dict file (see 'portal init-model').")
+    ],
+    model: Annotated[str, typer.Option(help="Model architecture the hospitals build.")] = "mlp",
+    dataset_description: Annotated[
+        str, typer.Option("--description", help="Dataset description.")
+    ] = "",
+    protection: Annotated[str, typer.Option(help="ckks or plain.")] = "ckks",
+    server_key: Annotated[
+        Path | None,
+        typer.Option("--server-key", help="ckks: the public server.key (never hospital.key)."),
+    ] = None,
+    he_preset: Annotated[
+        str | None, typer.Option("--he-preset", help="CKKS preset name (informative).")
+    ] = None,
+    quorum: Annotated[int, typer.Option(help="Minimum hospitals per round.")] = 2,
+    deadline_minutes: Annotated[
+        float, typer.Option("--deadline-minutes", help="Round deadline.")
+    ] = 60.0,
+    rounds: Annotated[int, typer.Option(help="Number of rounds.")] = 10,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Create a federation, upload its public key and initial model, open round 1 (admin)."""
+    import torch
+
+    from fedcrypt.protection.packing import Layout
+
+    if protection == "ckks" and server_key is None:
+        raise ConfigError("a ckks federation needs --server-key (the public server.key)")
+    if not initial_model.is_file():
+        raise ConfigError(f"initial model not found: {initial_model}")
+    try:
+        state = torch.load(initial_model, map_location="cpu", weights_only=True)
+        size = Layout.of(state).size
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ConfigError(f"{initial_model} is not a state_dict file: {exc}") from None
+    with _authed(url, token) as client:
+        fed = client.create_federation(
+            name=name,
+            model=model,
+            dataset_description=dataset_description,
+            protection=protection,
+            he_preset=he_preset,
+            quorum=quorum,
+            round_deadline_minutes=deadline_minutes,
+            num_rounds=rounds,
+            model_size=size,
+        )
+        if server_key is not None:
+            fed = client.put_server_key(fed.id, server_key)
+        fed = client.put_initial_model(fed.id, initial_model, model_size=size)
+    console.print(
+        f"federation {fed.name!r} (id {fed.id}) is {fed.status}: {fed.protection}, quorum "
+        f"{fed.quorum}, {fed.num_rounds} rounds; round {fed.current_round} is open"
+    )
+
+
+@app.command()
+def federations(url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """List federations."""
+    with _authed(url, token) as client:
+        rows = client.federations()
+    table = Table("id", "name", "status", "protection", "model", "round", "quorum")
+    for f in rows:
+        table.add_row(
+            str(f.id),
+            f.name,
+            f.status,
+            f.protection,
+            f.model,
+            f"{f.current_round or '-'} / {f.num_rounds}",
+            str(f.quorum),
+        )
+    console.print(table)
+
+
+@app.command()
+def status(federation: FedRef, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Show a federation's rounds and uploads."""
+    with _authed(url, token) as client:
+        fed = client.federation(federation)
+        rounds = client.rounds(fed.id)
+        console.print(
+            f"[bold]{fed.name}[/bold] (id {fed.id}): {fed.status}, {fed.protection}, model "
+            f"{fed.model} ({fed.model_size or '?'} values), quorum {fed.quorum}"
+        )
+        table = Table("round", "status", "uploads", "deadline (UTC)", "aggregate", "mine")
+        for r in rounds:
+            table.add_row(
+                str(r.number),
+                r.status,
+                f"{r.num_uploads}/{r.expected_uploads}",
+                f"{r.deadline_at:%Y-%m-%d %H:%M:%S}",
+                f"{r.aggregate_size} B" if r.aggregate_size else "-",
+                "yes" if r.uploaded_by_me else "",
+            )
+        console.print(table)
+
+
+# --- a hospital's steps ---------------------------------------------------------------
+
+
+@app.command()
+def upload(
+    federation: FedRef,
+    update: Annotated[Path, typer.Argument(help="Protected update file.")],
+    round_: RoundOpt = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Upload a protected update for a round (a re-upload replaces the earlier one)."""
+    if not update.is_file():
+        raise ConfigError(f"update file not found: {update}")
+    with _authed(url, token) as client:
+        fed = client.federation(federation)
+        number = _resolve_round(client, fed.id, round_)
+        up = client.upload_update(fed.id, number, update)
+    console.print(
+        f"uploaded round {up.round} update: {up.size} bytes, {up.num_examples} examples, "
+        f"sha256 {up.sha256[:16]}… (version {up.version})"
+    )
+
+
+@app.command()
+def download(
+    federation: FedRef,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the file.")],
+    round_: RoundOpt = None,
+    initial: Annotated[
+        bool, typer.Option("--initial", help="Download the initial model instead.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the round is aggregated.")
+    ] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Download a round's protected aggregate (or the initial model)."""
+    with _authed(url, token) as client:
+        fed = client.federation(federation)
+        if initial:
+            sha = client.download_initial_model(fed.id, out)
+            console.print(f"wrote the initial model to {out} (sha256 {sha[:16]}…)")
+            return
+        number = _resolve_round(client, fed.id, round_)
+        if wait:
+            client.wait_for_aggregate(fed.id, number)
+        sha = client.download_aggregate(fed.id, number, out)
+    console.print(f"wrote the protected aggregate of round {number} to {out} (sha256 {sha[:16]}…)")
+
+
+@app.command()
+def report(
+    federation: FedRef,
+    loss: Annotated[float, typer.Option(help="Loss of the decrypted global model.")],
+    accuracy: Annotated[float, typer.Option(help="Accuracy in [0, 1].")],
+    num_examples: Annotated[int, typer.Option("--num-examples", help="Examples evaluated.")],
+    auc: Annotated[float | None, typer.Option(help="ROC AUC in [0, 1].")] = None,
+    round_: RoundOpt = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Report metrics measured locally on a round's decrypted global model."""
+    with _authed(url, token) as client:
+        fed = client.federation(federation)
+        number = round_ if round_ is not None else _last_aggregated(client, fed.id)
+        m = client.report_metrics(
+            fed.id, number, loss=loss, accuracy=accuracy, auc=auc, num_examples=num_examples
+        )
+    console.print(f"reported round {m.round}: loss {m.loss:.4f}, accuracy {m.accuracy:.4f}")
+
+
+def _last_aggregated(client: PortalClient, fed_id: int) -> int:
+    done = [r.number for r in client.rounds(fed_id) if r.status == "aggregated"]
+    if not done:
+        raise ConfigError("no round has been aggregated yet")
+    return done[-1]
+
+
+@app.command()
+def protect(
+    weights: Annotated[
+        Path, typer.Argument(help="A state_dict file (your locally trained model).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Protected update file to write.")],
+    num_examples: Annotated[
+        int, typer.Option("--num-examples", help="Local training examples (FedAvg weight).")
+    ],
+    protection: Annotated[str, typer.Option(help="ckks or plain.")] = "ckks",
+    key: Annotated[
+        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+    ] = None,
+) -> None:
+    """Protect a state_dict for upload (ckks: encrypt with the hospital key)."""
+    import torch
+
+    from fedcrypt.protection.packing import flatten
+    from fedcrypt.protection.registry import hospital_protection
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    prot = hospital_protection(protection, key_file=key)
+    out.write_bytes(prot.protect(flatten(state), num_examples=num_examples))
+    console.print(f"wrote {out} ({out.stat().st_size} bytes, {protection})")
+
+
+@app.command()
+def decrypt(
+    aggregate: Annotated[
+        Path, typer.Argument(help="A protected aggregate from 'portal download'.")
+    ],
+    like: Annotated[
+        Path, typer.Option("--like", help="A state_dict of the same model (the layout).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="state_dict file to write.")],
+    protection: Annotated[str, typer.Option(help="ckks or plain.")] = "ckks",
+    key: Annotated[
+        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+    ] = None,
+) -> None:
+    """Decrypt an aggregate into the global model's state_dict (FedAvg mean)."""
+    import torch
+
+    from fedcrypt.protection.packing import Layout, unflatten
+    from fedcrypt.protection.registry import hospital_protection
+
+    layout = Layout.of(torch.load(like, map_location="cpu", weights_only=True))
+    prot = hospital_protection(protection, key_file=key)
+    result = prot.unprotect(aggregate.read_bytes())
+    torch.save(unflatten(result.mean, layout), out)
+    console.print(
+        f"wrote {out}: mean of {result.num_updates} updates over {result.total_examples} examples"
+    )
+
+
+@app.command()
+def participate(
+    federation: FedRef,
+    rounds: Annotated[int, typer.Option(help="Rounds to take part in.")] = 1,
+    dataset: Annotated[
+        str, typer.Option(help="wdbc, breastmnist, pneumoniamnist or a .npz path.")
+    ] = "wdbc",
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Folder of MedMNIST .npz files.")
+    ] = None,
+    client_id: Annotated[
+        int, typer.Option("--client-id", help="This hospital's share of the simulated partition.")
+    ] = 0,
+    num_clients: Annotated[
+        int, typer.Option("--num-clients", help="Hospitals the dataset is split among.")
+    ] = 1,
+    partition: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
+    seed: Annotated[int, typer.Option(help="Seed of partition and training.")] = 0,
+    epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs per round.")] = 1,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate [default: by model].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 32,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+    ] = None,
+    eval_split: Annotated[str, typer.Option("--eval-split", help="val (local) or test.")] = "val",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for this hospital's models and record.")
+    ] = Path("portal-hospital"),
+    poll: Annotated[float, typer.Option("--poll", help="Seconds between round checks.")] = 2.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Longest wait per round (s).")
+    ] = 3600.0,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Run this hospital's loop for N rounds: train, protect, upload, decrypt, report."""
+    from fedcrypt.portal.participant import ParticipationConfig
+    from fedcrypt.portal.participant import participate as run
+
+    if eval_split not in ("val", "test"):
+        raise ConfigError(f"--eval-split must be val or test, got {eval_split!r}")
+    config = ParticipationConfig(
+        dataset=dataset,
+        data_dir=data_dir,
+        client_id=client_id,
+        num_clients=num_clients,
+        partition=partition,
+        seed=seed,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        key_file=key,
+        eval_split=eval_split,  # type: ignore[arg-type]
+        poll_s=poll,
+        timeout_s=timeout,
+    )
+    with _authed(url, token) as client:
+        outcomes = run(
+            client,
+            federation,
+            config=config,
+            rounds=rounds,
+            out_dir=out,
+            on_event=lambda msg: console.print(msg),
+        )
+    console.print(f"done: {len(outcomes)} rounds; record in {out / 'participation.json'}")

@@ -1,1 +1,1 @@
-"""portal package."""
+"""The consortium portal: a FastAPI server that stores and aggregates protected updates."""

@@ -1,0 +1,206 @@
+"""Database tables: accounts, tokens, federations, rounds, uploads, metrics, audit log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from fedcrypt.portal.db import Base, UTCDateTime, utcnow
+
+ROLE_ADMIN = "admin"
+ROLE_HOSPITAL = "hospital"
+
+STATUS_PENDING = "pending"
+STATUS_APPROVED = "approved"
+STATUS_REJECTED = "rejected"
+STATUS_SUSPENDED = "suspended"
+
+FED_DRAFT = "draft"
+FED_RUNNING = "running"
+FED_FINISHED = "finished"
+
+ROUND_OPEN = "open"
+ROUND_AGGREGATING = "aggregating"
+ROUND_AGGREGATED = "aggregated"
+
+
+class User(Base):
+    """A consortium admin or a hospital account."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(120))
+    role: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the account is the consortium admin."""
+        return self.role == ROLE_ADMIN
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the account may sign in and use the API."""
+        return self.status == STATUS_APPROVED
+
+
+class ApiToken(Base):
+    """An API token: public ``key_id`` plus the SHA-256 of its secret part."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    user: Mapped[User] = relationship()
+
+
+class WebSession(Base):
+    """A browser session: public ``key_id`` plus the SHA-256 of its secret part."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    user: Mapped[User] = relationship()
+
+
+class Federation(Base):
+    """A training federation: model, protection scheme, quorum and round schedule."""
+
+    __tablename__ = "federations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    model: Mapped[str] = mapped_column(String(64))
+    dataset_description: Mapped[str] = mapped_column(Text, default="")
+    protection: Mapped[str] = mapped_column(String(16))
+    he_preset: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    quorum: Mapped[int] = mapped_column(Integer)
+    round_deadline_minutes: Mapped[float] = mapped_column(Float)
+    num_rounds: Mapped[int] = mapped_column(Integer)
+    model_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default=FED_DRAFT)
+    initial_model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    initial_model_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    server_key_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    server_key_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    key_fingerprint: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    rounds: Mapped[list[Round]] = relationship(
+        back_populates="federation", order_by="Round.number", cascade="all, delete-orphan"
+    )
+
+
+class Round(Base):
+    """One round of a federation: open for uploads, then aggregated."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("federation_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(
+        ForeignKey("federations.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ROUND_OPEN)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    aggregated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    aggregate_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    aggregate_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    num_updates: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    total_examples: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    aggregation_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    upload_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+    federation: Mapped[Federation] = relationship(back_populates="rounds")
+    uploads: Mapped[list[Upload]] = relationship(
+        back_populates="round", order_by="Upload.id", cascade="all, delete-orphan"
+    )
+    metrics: Mapped[list[MetricReport]] = relationship(
+        back_populates="round", order_by="MetricReport.id", cascade="all, delete-orphan"
+    )
+
+
+class Upload(Base):
+    """A hospital's protected update for one round (a re-upload replaces it)."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (UniqueConstraint("round_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    num_examples: Mapped[int] = mapped_column(BigInteger)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    upload_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    round: Mapped[Round] = relationship(back_populates="uploads")
+    user: Mapped[User] = relationship()
+
+
+class MetricReport(Base):
+    """Metrics a hospital measured locally on a round's decrypted global model."""
+
+    __tablename__ = "metric_reports"
+    __table_args__ = (UniqueConstraint("round_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    loss: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float] = mapped_column(Float)
+    auc: Mapped[float | None] = mapped_column(Float, nullable=True)
+    num_examples: Mapped[int] = mapped_column(BigInteger)
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    round: Mapped[Round] = relationship(back_populates="metrics")
+    user: Mapped[User] = relationship()
+
+
+class AuditEvent(Base):
+    """One line of the audit log: who did what, when, from where."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    actor_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True
+    )
+    actor: Mapped[str] = mapped_column(String(254))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(254), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    client_ip: Mapped[str] = mapped_column(String(64), default="")

@@ -1,0 +1,1 @@
+"""The portal's business logic, independent of HTTP: accounts, federations, rounds."""

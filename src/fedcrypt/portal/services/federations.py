@@ -1,0 +1,364 @@
+"""Federations: creation, the public key context, the initial model, round bookkeeping."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from fedcrypt.exceptions import FedcryptError
+from fedcrypt.portal.context import Portal
+from fedcrypt.portal.errors import ConflictError, InvalidContentError, NotFoundError
+from fedcrypt.portal.models import (
+    FED_DRAFT,
+    FED_FINISHED,
+    FED_RUNNING,
+    ROUND_AGGREGATED,
+    ROUND_OPEN,
+    Federation,
+    Round,
+    Upload,
+    User,
+)
+from fedcrypt.portal.schemas import FederationCreate, FederationPublic, FederationUpdate
+from fedcrypt.portal.services.audit import record
+from fedcrypt.portal.storage import PendingBlob
+from fedcrypt.protection.base import ServerAggregator
+from fedcrypt.protection.plain import PlainAggregator
+
+
+def get_federation(db: Session, federation_id: int) -> Federation:
+    """Load a federation.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.NotFoundError
+        If it does not exist.
+    """
+    fed = db.get(Federation, federation_id)
+    if fed is None:
+        raise NotFoundError(f"no federation with id {federation_id}")
+    return fed
+
+
+def list_federations(db: Session) -> list[Federation]:
+    """Every federation, newest first."""
+    return list(db.scalars(select(Federation).order_by(Federation.id.desc())))
+
+
+def latest_round(db: Session, fed: Federation) -> Round | None:
+    """The federation's highest-numbered round (open, aggregating or aggregated)."""
+    return db.scalar(
+        select(Round).where(Round.federation_id == fed.id).order_by(Round.number.desc()).limit(1)
+    )
+
+
+def get_round(db: Session, fed: Federation, number: int) -> Round:
+    """Load round ``number`` of ``fed``.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.NotFoundError
+        If the round has not been opened.
+    """
+    rnd = db.scalar(select(Round).where(Round.federation_id == fed.id, Round.number == number))
+    if rnd is None:
+        raise NotFoundError(f"federation {fed.name!r} has no round {number} (yet)")
+    return rnd
+
+
+def members(db: Session, fed: Federation) -> list[User]:
+    """Hospitals that have uploaded at least one update to ``fed``, by first upload."""
+    first = (
+        select(Upload.user_id, func.min(Upload.id).label("first"))
+        .join(Round, Round.id == Upload.round_id)
+        .where(Round.federation_id == fed.id)
+        .group_by(Upload.user_id)
+        .subquery()
+    )
+    return list(
+        db.scalars(select(User).join(first, first.c.user_id == User.id).order_by(first.c.first))
+    )
+
+
+def is_member(db: Session, fed: Federation, user: User) -> bool:
+    """Whether ``user`` has uploaded to ``fed``."""
+    q = (
+        select(Upload.id)
+        .join(Round, Round.id == Upload.round_id)
+        .where(Round.federation_id == fed.id, Upload.user_id == user.id)
+        .limit(1)
+    )
+    return db.scalar(q) is not None
+
+
+def to_public(db: Session, fed: Federation) -> FederationPublic:
+    """The API view of a federation, with its current round number."""
+    out = FederationPublic.model_validate(fed)
+    rnd = latest_round(db, fed)
+    out.current_round = rnd.number if rnd is not None else None
+    return out
+
+
+def create_federation(
+    portal: Portal, db: Session, data: FederationCreate, *, actor: User, client_ip: str
+) -> Federation:
+    """Create a federation in ``draft`` state (no rounds until the model is published).
+
+    Raises
+    ------
+    fedcrypt.portal.errors.ConflictError
+        If the name is taken.
+    """
+    if db.scalar(select(Federation.id).where(Federation.name == data.name)) is not None:
+        raise ConflictError(f"a federation named {data.name!r} already exists")
+    now = portal.clock()
+    fed = Federation(
+        name=data.name,
+        model=data.model,
+        dataset_description=data.dataset_description,
+        protection=data.protection,
+        he_preset=data.he_preset,
+        quorum=data.quorum,
+        round_deadline_minutes=data.round_deadline_minutes,
+        num_rounds=data.num_rounds,
+        model_size=data.model_size,
+        status=FED_DRAFT,
+        created_at=now,
+    )
+    db.add(fed)
+    db.flush()
+    record(
+        db,
+        at=now,
+        actor=actor,
+        action="federation.create",
+        target=fed.name,
+        detail=(
+            f"model={fed.model} protection={fed.protection} preset={fed.he_preset} "
+            f"quorum={fed.quorum} rounds={fed.num_rounds} "
+            f"deadline={fed.round_deadline_minutes:g} min"
+        ),
+        client_ip=client_ip,
+    )
+    db.commit()
+    return fed
+
+
+def update_federation(
+    portal: Portal,
+    db: Session,
+    fed: Federation,
+    data: FederationUpdate,
+    *,
+    actor: User,
+    client_ip: str,
+) -> Federation:
+    """Change a federation's description, quorum, deadline or number of rounds.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.ConflictError
+        If the federation has finished, or ``num_rounds`` is below the current round.
+    """
+    if fed.status == FED_FINISHED:
+        raise ConflictError("the federation has finished")
+    changes = data.model_dump(exclude_none=True)
+    rnd = latest_round(db, fed)
+    if "num_rounds" in changes and rnd is not None and changes["num_rounds"] < rnd.number:
+        raise ConflictError(f"num_rounds cannot be below the current round ({rnd.number})")
+    for key, value in changes.items():
+        setattr(fed, key, value)
+    record(
+        db,
+        at=portal.clock(),
+        actor=actor,
+        action="federation.update",
+        target=fed.name,
+        detail=", ".join(f"{k}={v}" for k, v in changes.items()),
+        client_ip=client_ip,
+    )
+    db.commit()
+    return fed
+
+
+def load_aggregator(portal: Portal, fed: Federation) -> ServerAggregator:
+    """The server half of the federation's scheme (public key material only).
+
+    Raises
+    ------
+    fedcrypt.portal.errors.ConflictError
+        If a ``ckks`` federation has no public key context yet.
+    fedcrypt.portal.errors.InvalidContentError
+        If the stored key cannot be loaded.
+    """
+    if fed.protection == "plain":
+        return PlainAggregator()
+    if fed.server_key_sha256 is None:
+        raise ConflictError("this ckks federation has no public key context (server.key) yet")
+    cached = portal.aggregators.get(fed.server_key_sha256)
+    if cached is not None:
+        return cached
+    agg = aggregator_from_key(portal.store.read_bytes(fed.server_key_sha256))
+    portal.aggregators[fed.server_key_sha256] = agg
+    return agg
+
+
+def aggregator_from_key(data: bytes) -> ServerAggregator:
+    """Load the server half of ``ckks`` from a public ``server.key``'s bytes.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.InvalidContentError
+        If ckks is unavailable, or the bytes are not a public server key (a hospital key
+        holding the secret key is refused by
+        :func:`fedcrypt.protection.keys.server_from_bytes`).
+    """
+    try:
+        from fedcrypt.protection.keys import server_from_bytes
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise InvalidContentError(f"ckks is not available on this server: {exc}") from exc
+    try:
+        agg = server_from_bytes(data)
+    except FedcryptError as exc:
+        raise InvalidContentError(f"not a usable public server key: {exc}") from exc
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InvalidContentError(f"not a usable public server key: {exc}") from exc
+    return agg
+
+
+def set_server_key(
+    portal: Portal, db: Session, fed: Federation, data: bytes, *, actor: User, client_ip: str
+) -> Federation:
+    """Store a ``ckks`` federation's public key context (``server.key``).
+
+    The bytes are checked with :func:`fedcrypt.protection.keys.server_from_bytes`, which
+    refuses a file that holds a secret key: the portal never stores a hospital key.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.ConflictError
+        If the federation is not ``ckks`` or already running.
+    fedcrypt.portal.errors.InvalidContentError
+        If the file is not a public server key (or is a secret hospital key).
+    """
+    if fed.protection != "ckks":
+        raise ConflictError("only a ckks federation takes a server key")
+    if fed.status != FED_DRAFT:
+        raise ConflictError("the key context cannot change once the federation is running")
+    agg = aggregator_from_key(data)
+    fingerprint = getattr(agg, "fingerprint", None)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise InvalidContentError("the server key has no key-context fingerprint")
+    preset = getattr(getattr(agg, "preset", None), "name", None)
+    if isinstance(preset, str):
+        if fed.he_preset is not None and fed.he_preset != preset:
+            raise InvalidContentError(
+                f"the server key uses the CKKS preset {preset!r}, but the federation was "
+                f"created with {fed.he_preset!r}"
+            )
+        fed.he_preset = preset
+    sha = portal.store.put_bytes(data)
+    portal.aggregators[sha] = agg
+    fed.server_key_sha256 = sha
+    fed.server_key_size = len(data)
+    fed.key_fingerprint = fingerprint
+    record(
+        db,
+        at=portal.clock(),
+        actor=actor,
+        action="federation.server_key",
+        target=fed.name,
+        detail=f"fingerprint {fingerprint[:16]}…, {len(data)} bytes",
+        client_ip=client_ip,
+    )
+    db.commit()
+    return fed
+
+
+def open_round(fed: Federation, number: int, now: datetime) -> Round:
+    """A new open round ``number`` whose deadline follows from the federation."""
+    return Round(
+        federation_id=fed.id,
+        number=number,
+        status=ROUND_OPEN,
+        opened_at=now,
+        deadline_at=now + timedelta(minutes=fed.round_deadline_minutes),
+    )
+
+
+def publish_initial_model(
+    portal: Portal,
+    db: Session,
+    fed: Federation,
+    pending: PendingBlob,
+    *,
+    model_size: int | None,
+    actor: User,
+    client_ip: str,
+) -> Federation:
+    """Store the initial model (an opaque blob, never unpickled) and open round 1.
+
+    Parameters
+    ----------
+    pending : PendingBlob
+        The streamed file (committed to the store here, discarded on error).
+    model_size : int, optional
+        Number of values ``P`` in the flattened model; if ``None`` the first accepted
+        upload fixes it.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.ConflictError
+        If the federation is already running, or is ``ckks`` without a server key.
+    """
+    if fed.status != FED_DRAFT:
+        pending.discard()
+        raise ConflictError("the initial model is already published")
+    if fed.protection == "ckks" and fed.server_key_sha256 is None:
+        pending.discard()
+        raise ConflictError("upload the federation's public server.key before the initial model")
+    if pending.size == 0:
+        pending.discard()
+        raise InvalidContentError("the initial model file is empty")
+    sha = portal.store.commit(pending)
+    now = portal.clock()
+    fed.initial_model_sha256 = sha
+    fed.initial_model_size = pending.size
+    if model_size is not None:
+        fed.model_size = model_size
+    fed.status = FED_RUNNING
+    db.add(open_round(fed, 1, now))
+    record(
+        db,
+        at=now,
+        actor=actor,
+        action="federation.publish_model",
+        target=fed.name,
+        detail=f"{pending.size} bytes, sha256 {sha[:16]}…; round 1 opened",
+        client_ip=client_ip,
+    )
+    db.commit()
+    return fed
+
+
+def round_counts(db: Session, fed: Federation, rnd: Round) -> tuple[int, int]:
+    """``(uploads in this round, hospitals expected)`` for the aggregation rule.
+
+    Expected is the number of federation members (hospitals that ever uploaded), at
+    least the quorum.
+    """
+    n = db.scalar(select(func.count(Upload.id)).where(Upload.round_id == rnd.id)) or 0
+    expected = max(len(members(db, fed)), fed.quorum)
+    return n, expected
+
+
+def is_finished(fed: Federation, rnd: Round | None) -> bool:
+    """Whether the federation's last round has been aggregated."""
+    return rnd is not None and rnd.status == ROUND_AGGREGATED and rnd.number >= fed.num_rounds
+
+
+def running_federation_ids(db: Session) -> list[int]:
+    """Ids of federations with an open round."""
+    return list(db.scalars(select(Federation.id).where(Federation.status == FED_RUNNING)))

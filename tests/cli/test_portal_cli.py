@@ -1,0 +1,343 @@
+"""``fedcrypt portal`` commands against an in-process portal (Starlette's TestClient)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from argon2 import PasswordHasher
+from pydantic import SecretStr
+
+warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from fedcrypt.cli import portal as portal_cli  # noqa: E402
+from fedcrypt.cli.main import main  # noqa: E402
+from fedcrypt.portal import security  # noqa: E402
+from fedcrypt.portal.app import create_app  # noqa: E402
+from fedcrypt.portal.client import PortalClient  # noqa: E402
+from fedcrypt.portal.config import PortalSettings, default_db_url  # noqa: E402
+from fedcrypt.portal.services import accounts  # noqa: E402
+from fedcrypt.protection.packing import flatten  # noqa: E402
+
+ADMIN = "admin@example.org"
+ADMIN_PW = "admin-password-1"
+HOSP_PW = "hospital-pass-1"
+
+
+def _run(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["fedcrypt", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out = capsys.readouterr()
+    code = info.value.code
+    return (int(code) if code is not None else 0), out.out, out.err
+
+
+@pytest.fixture
+def portal_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """A portal served in-process; ``make_client`` talks to it."""
+    hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    monkeypatch.setattr(security, "_hasher", hasher)
+    monkeypatch.setattr(security, "_DUMMY_HASH", hasher.hash("dummy-password"))
+    settings = PortalSettings(
+        db_url=default_db_url(tmp_path / "srv"),
+        data_dir=tmp_path / "srv",
+        secret_key=SecretStr("s" * 32),
+        tick_interval_s=0,
+    )
+    app = create_app(settings)
+    accounts.create_admin(app.state.portal, email=ADMIN, password=ADMIN_PW)
+    http = TestClient(app)
+    monkeypatch.setattr(
+        portal_cli,
+        "make_client",
+        lambda url, token: PortalClient("http://testserver", token=token, http=http),
+    )
+    monkeypatch.delenv("FEDCRYPT_PORTAL_TOKEN", raising=False)
+    yield http
+    app.state.portal.close()
+
+
+def _token(
+    email: str, password: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> str:
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", password)
+    code, out, err = _run(["portal", "token", "--email", email], monkeypatch, capsys)
+    assert code == 0, err
+    assert "shown once" in err
+    return out.strip()
+
+
+def test_hospital_and_admin_workflow(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
+    for i in (1, 2):
+        code, out, _ = run(
+            ["portal", "register", "--name", f"Hospital {i}", "--email", f"h{i}@example.org"]
+        )
+        assert code == 0 and "pending" in out
+    code, _, err = run(["portal", "token", "--email", "h1@example.org"])
+    assert code == 2 and err.count("\n") == 1 and "awaiting approval" in err
+
+    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
+    code, out, _ = run(["portal", "hospitals", "--status", "pending", "--token", admin])
+    assert code == 0 and "h1@example.org" in out and "h2@example.org" in out
+    for i in (1, 2):
+        code, out, _ = run(["portal", "approve", f"h{i}@example.org", "--token", admin])
+        assert code == 0 and "approved" in out
+    code, _, err = run(["portal", "approve", "nobody@example.org", "--token", admin])
+    assert code == 2 and "no hospital" in err
+
+    initial = tmp_path / "initial.pt"
+    code, out, _ = run(["portal", "init-model", "-o", str(initial)])
+    assert code == 0 and "values" in out
+    code, out, _ = run(
+        [
+            "portal",
+            "create-federation",
+            "--name",
+            "demo",
+            "--initial-model",
+            str(initial),
+            "--protection",
+            "plain",
+            "--quorum",
+            "2",
+            "--rounds",
+            "1",
+            "--token",
+            admin,
+        ]
+    )
+    assert code == 0 and "round 1 is open" in out, out
+    code, _, err = run(
+        [
+            "portal",
+            "create-federation",
+            "--name",
+            "enc",
+            "--initial-model",
+            str(initial),
+            "--token",
+            admin,
+        ]
+    )
+    assert code == 2 and "--server-key" in err
+
+    tokens = [_token(f"h{i}@example.org", HOSP_PW, monkeypatch, capsys) for i in (1, 2)]
+    code, out, _ = run(["portal", "federations", "--token", tokens[0]])
+    assert code == 0 and "demo" in out
+
+    state = torch.load(initial, weights_only=True)
+    updates = []
+    for i, (tok, n) in enumerate(zip(tokens, (10, 30), strict=True)):
+        local = {k: v + (i + 1) for k, v in state.items()}
+        updates.append((flatten(local), n))
+        torch.save(local, tmp_path / f"local{i}.pt")
+        prot = tmp_path / f"update{i}.fcry"
+        code, out, _ = run(
+            [
+                "portal",
+                "protect",
+                str(tmp_path / f"local{i}.pt"),
+                "-o",
+                str(prot),
+                "--num-examples",
+                str(n),
+                "--protection",
+                "plain",
+            ]
+        )
+        assert code == 0
+        code, out, err = run(["portal", "upload", "demo", str(prot), "--token", tok])
+        assert code == 0, err
+        assert f"{n} examples" in out
+    code, out, _ = run(["portal", "status", "demo", "--token", tokens[0]])
+    assert code == 0 and "aggregated" in out
+
+    agg = tmp_path / "agg.fcry"
+    code, out, _ = run(
+        ["portal", "download", "demo", "--round", "1", "-o", str(agg), "--token", tokens[1]]
+    )
+    assert code == 0 and agg.is_file()
+    merged = tmp_path / "global.pt"
+    code, out, _ = run(
+        [
+            "portal",
+            "decrypt",
+            str(agg),
+            "--like",
+            str(initial),
+            "-o",
+            str(merged),
+            "--protection",
+            "plain",
+        ]
+    )
+    assert code == 0 and "2 updates over 40 examples" in out
+    expected = (updates[0][0] * 10 + updates[1][0] * 30) / 40
+    np.testing.assert_allclose(flatten(torch.load(merged, weights_only=True)), expected, atol=1e-6)
+
+    code, out, _ = run(
+        [
+            "portal",
+            "report",
+            "demo",
+            "--loss",
+            "0.3",
+            "--accuracy",
+            "0.9",
+            "--auc",
+            "0.95",
+            "--num-examples",
+            "50",
+            "--token",
+            tokens[0],
+        ]
+    )
+    assert code == 0 and "reported round 1" in out
+    code, out, _ = run(
+        [
+            "portal",
+            "download",
+            "demo",
+            "--initial",
+            "-o",
+            str(tmp_path / "i.pt"),
+            "--token",
+            tokens[0],
+        ]
+    )
+    assert code == 0 and (tmp_path / "i.pt").read_bytes() == initial.read_bytes()
+    # a closed round refuses re-uploads with the portal's reason on one line
+    code, _, err = run(
+        [
+            "portal",
+            "upload",
+            "demo",
+            str(tmp_path / "update0.fcry"),
+            "--round",
+            "1",
+            "--token",
+            tokens[0],
+        ]
+    )
+    assert code == 2 and "HTTP 409" in err and "closed" in err
+
+
+def test_cli_errors_are_one_line(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    code, _, err = run(["portal", "federations"])
+    assert code == 2 and "no API token" in err
+    code, _, err = run(["portal", "federations", "--token", "fcp_bad.token"])
+    assert code == 2 and "HTTP 401" in err and err.count("\n") == 1
+    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
+    code, _, err = run(["portal", "status", "nope", "--token", admin])
+    assert code == 2 and "no federation named 'nope'" in err
+    code, _, err = run(["portal", "upload", "1", str(tmp_path / "missing"), "--token", admin])
+    assert code == 2 and "not found" in err
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", "wrong-password!")
+    code, _, err = run(["portal", "token", "--email", ADMIN])
+    assert code == 2 and "wrong e-mail address or password" in err
+
+
+def test_unreachable_portal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(
+        ["portal", "federations", "--url", "http://127.0.0.1:9", "--token", "fcp_a.b"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and "cannot reach the portal" in err
+
+
+def test_serve_refuses_to_start_without_an_admin_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("FEDCRYPT_PORTAL_ADMIN_PASSWORD", raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    code, _, err = _run(["portal", "serve", "--data-dir", str(tmp_path / "d")], monkeypatch, capsys)
+    assert code == 2 and "FEDCRYPT_PORTAL_ADMIN_PASSWORD" in err
+    monkeypatch.setenv("FEDCRYPT_PORTAL_ADMIN_PASSWORD", "short")
+    code, _, err = _run(["portal", "serve", "--data-dir", str(tmp_path / "d")], monkeypatch, capsys)
+    assert code == 2 and "at least 12" in err
+    assert (tmp_path / "d" / "portal-secret").stat().st_mode & 0o077 == 0
+
+
+def test_participate_in_process(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
+    run(["portal", "register", "--name", "Solo", "--email", "solo@example.org"])
+    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
+    run(["portal", "approve", "solo@example.org", "--token", admin])
+    initial = tmp_path / "initial.pt"
+    run(["portal", "init-model", "-o", str(initial)])
+    code, out, _ = run(
+        [
+            "portal",
+            "create-federation",
+            "--name",
+            "solo",
+            "--initial-model",
+            str(initial),
+            "--protection",
+            "plain",
+            "--quorum",
+            "1",
+            "--rounds",
+            "2",
+            "--token",
+            admin,
+        ]
+    )
+    assert code == 0, out
+    tok = _token("solo@example.org", HOSP_PW, monkeypatch, capsys)
+    out_dir = tmp_path / "hospital"
+    code, out, err = run(
+        [
+            "portal",
+            "participate",
+            "solo",
+            "--rounds",
+            "5",
+            "--out",
+            str(out_dir),
+            "--poll",
+            "0.05",
+            "--token",
+            tok,
+        ]
+    )
+    assert code == 0, err
+    assert "done: 2 rounds" in out  # the federation has two rounds
+    assert (out_dir / "round-2" / "global.pt").is_file()
+    # with one hospital the global model is its own local model
+    local = flatten(torch.load(out_dir / "round-2" / "local.pt", weights_only=True))
+    final = flatten(torch.load(out_dir / "round-2" / "global.pt", weights_only=True))
+    np.testing.assert_allclose(final, local, atol=1e-6)
+    code, _, err = run(["portal", "participate", "solo", "--token", tok, "--out", str(out_dir)])
+    assert code == 2 and "finished" in err
