@@ -314,7 +314,7 @@ def _flower_apps(cfg: RunConfig, log_path: Path) -> tuple[Any, Any, dict[str, An
         with log_path.open("a") as fh:
             fh.write(json.dumps({"kind": kind, "pid": os.getpid(), **values}) + "\n")
 
-    class _Client(NumPyClient):  # type: ignore[misc]
+    class _Client(NumPyClient):
         def __init__(self, context: Context) -> None:
             self.hospital = setup.hospital(context)
 
@@ -360,7 +360,7 @@ def _flower_apps(cfg: RunConfig, log_path: Path) -> tuple[Any, Any, dict[str, An
 
     client_app = LegacyClientApp(client_fn=client_fn, mods=[size_mod, secaggplus_mod, inner_mod])
 
-    class _Timed(FedAvg):  # type: ignore[misc]
+    class _Timed(FedAvg):
         def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
             out = super().aggregate_fit(server_round, results, failures)
             if out[0] is not None:

@@ -177,7 +177,7 @@ def build_client_app(setup: HospitalSetup) -> ClientApp:
         cfg: ConfigRecord = msg.content.config_records["config"]
         payload = blob_from(msg.content.array_records.get("arrays"))
         metrics, curves = hospital.assess(payload, final=bool(cfg.get("final", False)))
-        record = MetricRecord({**metrics, **curves})  # type: ignore[arg-type]
+        record = MetricRecord({**metrics, **curves})
         return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 
     return app

@@ -214,12 +214,13 @@ def masked_input(setup: SecAggClientSetup, msg: Message, context: Context) -> Me
     if "global" in msg.content.array_records:
         base = PlainHospital().unprotect(blob_from(msg.content.array_records["global"])).mean
     else:
-        base, held = held_global(context)
-        if base is None or held != rnd - 1:
+        held_base, held = held_global(context)
+        if held_base is None or held != rnd - 1:
             raise ProtocolError(
                 f"hospital holds the global model of round {held}, round {rnd} needs "
                 f"round {rnd - 1}'s: it missed an aggregate"
             )
+        base = held_base
     # train exactly as the plain/ckks path does (same seeds), from the held weights
     _, train_metrics = hospital.fit(
         PlainHospital().protect(base, num_examples=1), INITIAL, server_round=rnd
@@ -275,7 +276,7 @@ def evaluate(setup: SecAggClientSetup, msg: Message, context: Context) -> Messag
     )
     metrics["unprotect-seconds"] = unprotect_s
     return Message(
-        content=RecordDict({"metrics": MetricRecord({**metrics, **curves})}),  # type: ignore[dict-item]
+        content=RecordDict({"metrics": MetricRecord({**metrics, **curves})}),
         reply_to=msg,
     )
 

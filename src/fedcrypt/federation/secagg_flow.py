@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrypt.config import RunConfig
@@ -29,9 +29,8 @@ from fedcrypt.federation.app import Outcome
 from fedcrypt.federation.hospital import initial_payload
 from fedcrypt.federation.records import blob_from, blob_record
 from fedcrypt.federation.secagg_client import ACTIONS, IDENTIFY, SecAggKeys
-from fedcrypt.federation.strategy import ProtectedFedAvg, RoundCallback, _Round
+from fedcrypt.federation.strategy import ProtectedFedAvg
 from fedcrypt.protection.secagg import STAGES, RoundConfig, SecAggParams, SecAggServer
-from fedcrypt.report.records import RoundRecord
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class SecAggFedAvg(ProtectedFedAvg):
         dropouts: Mapping[str, frozenset[int]] | None = None,
         timeout: float = 3600.0,
     ) -> None:
-        super().__init__(_SecAggScheme(), num_clients=num_clients, timeout=timeout)  # type: ignore[arg-type]
+        super().__init__(_SecAggScheme(), num_clients=num_clients, timeout=timeout)
         self.params = params
         self.registry = dict(registry)
         self.vector_size = vector_size
@@ -295,70 +294,9 @@ class SecAggFedAvg(ProtectedFedAvg):
             self._round.clients = n
         return aggregate
 
-    # -- the loop -------------------------------------------------------------------------
-    def run(
-        self,
-        grid: Grid,
-        *,
-        initial: bytes,
-        num_rounds: int,
-        on_round: RoundCallback | None = None,
-    ) -> list[RoundRecord]:
-        """Run ``num_rounds`` rounds of secure FedAvg; fail loudly on any error.
-
-        Parameters
-        ----------
-        grid : flwr.serverapp.Grid
-            Flower's grid (simulation or deployment).
-        initial : bytes
-            The round-1 global model (a public ``plain`` message of the initial weights).
-        num_rounds : int
-            Rounds to run.
-        on_round : callable, optional
-            Called with each finished :class:`RoundRecord`.
-
-        Raises
-        ------
-        fedcrypt.exceptions.FedcryptError
-            See :meth:`train_round`; ``AggregationError`` if evaluation fails.
-        """
-        self.summary()
-        self._wait_for_nodes(grid)
+    def _before_rounds(self, grid: Grid) -> None:
+        """Learn which hospital each node is before the first round."""
         self._identify(grid)
-        history: list[RoundRecord] = []
-        for rnd in range(1, num_rounds + 1):
-            cur = self._round = _Round(started=time.perf_counter())
-            aggregate = self.train_round(rnd, grid, initial=initial if rnd == 1 else None)
-            final = rnd == num_rounds
-            replies = grid.send_and_receive(
-                self.configure_evaluate(
-                    rnd, blob_record(aggregate), ConfigRecord({"final": final}), grid
-                ),
-                timeout=self.timeout,
-            )
-            ev = self.aggregate_evaluate(rnd, replies) or MetricRecord()
-            train = cur.train or {}
-            record = RoundRecord(
-                round=rnd,
-                loss=float(ev.get("test-loss", float("nan"))),  # type: ignore[arg-type]
-                accuracy=float(ev.get("test-accuracy", float("nan"))),  # type: ignore[arg-type]
-                auc=float(ev.get("test-auc", float("nan"))),  # type: ignore[arg-type]
-                val_loss=float(ev.get("val-loss", float("nan"))),  # type: ignore[arg-type]
-                val_accuracy=float(ev.get("val-accuracy", float("nan"))),  # type: ignore[arg-type]
-                val_auc=float(ev.get("val-auc", float("nan"))),  # type: ignore[arg-type]
-                train_loss=train.get("train-loss", float("nan")),
-                seconds=time.perf_counter() - cur.started,
-                bytes_up_per_client=train.get("bytes-up", 0.0),
-                bytes_down_per_client=train.get("bytes-down", 0.0),
-                encrypt_seconds=train.get("protect-seconds", 0.0),
-                aggregate_seconds=cur.aggregate_seconds,
-                decrypt_seconds=float(ev.get("decrypt-seconds", 0.0)),  # type: ignore[arg-type]
-                clients=cur.clients,
-            )
-            history.append(record)
-            if on_round is not None:
-                on_round(record)
-        return history
 
 
 def run_secagg_server(

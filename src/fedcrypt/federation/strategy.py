@@ -62,6 +62,7 @@ class ProtectedFedAvg(Strategy):
         self.timeout = timeout
         self.roc: dict[str, list[float]] = {}
         self._round: _Round | None = None
+        self._aggregate = b""
 
     # -- Strategy template --------------------------------------------------------------
     def summary(self) -> None:
@@ -185,46 +186,51 @@ class ProtectedFedAvg(Strategy):
         """
         self.summary()
         self._wait_for_nodes(grid)
-        arrays = blob_record(initial)
+        self._before_rounds(grid)
         history: list[RoundRecord] = []
         for rnd in range(1, num_rounds + 1):
-            self._round = _Round(started=time.perf_counter())
+            cur = self._round = _Round(started=time.perf_counter())
+            aggregate = self.train_round(rnd, grid, initial=initial if rnd == 1 else None)
             replies = grid.send_and_receive(
-                self.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=self.timeout
-            )
-            agg, _ = self.aggregate_train(rnd, replies)
-            assert agg is not None
-            arrays = agg
-            bytes_down = float(len(blob_from(arrays)))
-            final = rnd == num_rounds
-            replies = grid.send_and_receive(
-                self.configure_evaluate(rnd, arrays, ConfigRecord({"final": final}), grid),
+                self.configure_evaluate(
+                    rnd, blob_record(aggregate), ConfigRecord({"final": rnd == num_rounds}), grid
+                ),
                 timeout=self.timeout,
             )
             ev = self.aggregate_evaluate(rnd, replies) or MetricRecord()
-            cur = self._round
-            train = cur.train or {}
-            record = RoundRecord(
-                round=rnd,
-                loss=float(ev.get("test-loss", float("nan"))),  # type: ignore[arg-type]
-                accuracy=float(ev.get("test-accuracy", float("nan"))),  # type: ignore[arg-type]
-                auc=float(ev.get("test-auc", float("nan"))),  # type: ignore[arg-type]
-                val_loss=float(ev.get("val-loss", float("nan"))),  # type: ignore[arg-type]
-                val_accuracy=float(ev.get("val-accuracy", float("nan"))),  # type: ignore[arg-type]
-                val_auc=float(ev.get("val-auc", float("nan"))),  # type: ignore[arg-type]
-                train_loss=train.get("train-loss", float("nan")),
-                seconds=time.perf_counter() - cur.started,
-                bytes_up_per_client=train.get("bytes-up", 0.0),
-                bytes_down_per_client=bytes_down,
-                encrypt_seconds=train.get("protect-seconds", 0.0),
-                aggregate_seconds=cur.aggregate_seconds,
-                decrypt_seconds=float(ev.get("decrypt-seconds", 0.0)),  # type: ignore[arg-type]
-                clients=cur.clients,
-            )
+            record = _round_record(rnd, cur, ev)
             history.append(record)
             if on_round is not None:
                 on_round(record)
         return history
+
+    def _before_rounds(self, grid: Grid) -> None:
+        """Hook run once after all hospitals connected (nothing for single-message schemes)."""
+
+    def train_round(self, server_round: int, grid: Grid, *, initial: bytes | None) -> bytes:
+        """The training phase of one round; returns the protected aggregate.
+
+        Parameters
+        ----------
+        server_round : int
+            1-based round number.
+        grid : flwr.serverapp.Grid
+            Flower's grid.
+        initial : bytes or None
+            The initial global payload in round 1, else None (the previous aggregate is
+            sent).
+        """
+        payload = initial if initial is not None else self._aggregate
+        replies = grid.send_and_receive(
+            self.configure_train(server_round, blob_record(payload), ConfigRecord(), grid),
+            timeout=self.timeout,
+        )
+        agg, _ = self.aggregate_train(server_round, replies)
+        assert agg is not None
+        self._aggregate = blob_from(agg)
+        if self._round is not None and self._round.train is not None:
+            self._round.train["bytes-down"] = float(len(self._aggregate))
+        return self._aggregate
 
     def _wait_for_nodes(self, grid: Grid) -> None:
         deadline = time.monotonic() + self.timeout
@@ -236,3 +242,29 @@ class ProtectedFedAvg(Strategy):
                     f"{self.timeout:.0f} s"
                 )
             time.sleep(0.1)
+
+
+def _round_record(rnd: int, cur: _Round, ev: MetricRecord) -> RoundRecord:
+    """Combine a round's training costs and evaluation metrics into one record."""
+
+    def metric(key: str, default: float = float("nan")) -> float:
+        return float(ev.get(key, default))  # type: ignore[arg-type]
+
+    train = cur.train or {}
+    return RoundRecord(
+        round=rnd,
+        loss=metric("test-loss"),
+        accuracy=metric("test-accuracy"),
+        auc=metric("test-auc"),
+        val_loss=metric("val-loss"),
+        val_accuracy=metric("val-accuracy"),
+        val_auc=metric("val-auc"),
+        train_loss=train.get("train-loss", float("nan")),
+        seconds=time.perf_counter() - cur.started,
+        bytes_up_per_client=train.get("bytes-up", 0.0),
+        bytes_down_per_client=train.get("bytes-down", 0.0),
+        encrypt_seconds=train.get("protect-seconds", 0.0),
+        aggregate_seconds=cur.aggregate_seconds,
+        decrypt_seconds=metric("decrypt-seconds", 0.0),
+        clients=cur.clients,
+    )
