@@ -341,3 +341,109 @@ def test_participate_in_process(
     np.testing.assert_allclose(final, local, atol=1e-6)
     code, _, err = run(["portal", "participate", "solo", "--token", tok, "--out", str(out_dir)])
     assert code == 2 and "finished" in err
+
+
+def test_participate_joins_a_running_federation(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
+    for name in ("early", "late"):
+        run(["portal", "register", "--name", name, "--email", f"{name}@example.org"])
+    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
+    for name in ("early", "late"):
+        run(["portal", "approve", f"{name}@example.org", "--token", admin])
+    initial = tmp_path / "initial.pt"
+    run(["portal", "init-model", "-o", str(initial)])
+    code, out, _ = run(
+        [
+            "portal",
+            "create-federation",
+            "--name",
+            "running",
+            "--initial-model",
+            str(initial),
+            "--protection",
+            "plain",
+            "--quorum",
+            "1",
+            "--rounds",
+            "2",
+            "--deadline-minutes",
+            "0.001",
+            "--token",
+            admin,
+        ]
+    )
+    assert code == 0, out
+    early = _token("early@example.org", HOSP_PW, monkeypatch, capsys)
+    state = torch.load(initial, weights_only=True)
+    update = tmp_path / "early.fcry"
+    run(
+        [
+            "portal",
+            "protect",
+            str(initial),
+            "-o",
+            str(update),
+            "--num-examples",
+            "5",
+            "--protection",
+            "plain",
+        ]
+    )
+    code, _, err = run(["portal", "upload", "running", str(update), "--token", early])
+    assert code == 0, err
+    late = _token("late@example.org", HOSP_PW, monkeypatch, capsys)
+    out_dir = tmp_path / "late"
+    code, out, err = run(
+        [
+            "portal",
+            "participate",
+            "running",
+            "--rounds",
+            "1",
+            "--out",
+            str(out_dir),
+            "--poll",
+            "0.05",
+            "--token",
+            late,
+        ]
+    )
+    assert code == 0, err
+    assert "joined at round 2" in out and "done: 1 rounds" in out
+    # round 2's aggregate holds only the late hospital's update (the deadline passed)
+    local = flatten(torch.load(out_dir / "round-2" / "local.pt", weights_only=True))
+    final = flatten(torch.load(out_dir / "round-2" / "global.pt", weights_only=True))
+    np.testing.assert_allclose(final, local, atol=1e-6)
+    assert not np.allclose(local, flatten(state))
+
+
+def test_set_password_on_the_server(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", "a-brand-new-password")
+    args = ["portal", "set-password", "--email", ADMIN, "--data-dir", str(tmp_path / "srv")]
+    code, out, err = _run(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "password of admin@example.org changed" in out
+    assert _token(ADMIN, "a-brand-new-password", monkeypatch, capsys).startswith("fcp_")
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", ADMIN_PW)
+    code, _, err = _run(["portal", "token", "--email", ADMIN], monkeypatch, capsys)
+    assert code == 2 and "wrong e-mail address or password" in err
+    args[3] = "nobody@example.org"
+    code, _, err = _run(args, monkeypatch, capsys)
+    assert code == 2 and "no account" in err
+    code, _, err = _run(
+        ["portal", "set-password", "--email", ADMIN, "--data-dir", str(tmp_path / "none")],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and "no portal database" in err

@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
-
-from conftest import (
+from portal_helpers import (
     ADMIN_EMAIL,
     HOSPITAL_PASSWORD,
     MODEL_SIZE,
@@ -19,6 +17,8 @@ from conftest import (
     plain_update,
     sha,
 )
+from sqlalchemy import select, update
+
 from fedcrypt.portal.app import create_app
 from fedcrypt.portal.models import Round, Upload
 from fedcrypt.protection.plain import PlainHospital

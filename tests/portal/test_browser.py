@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from portal_helpers import ADMIN_EMAIL, ADMIN_PASSWORD, make_settings, plain_update, sha
 
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_settings, plain_update, sha
 from fedcrypt.portal.app import create_app
 from fedcrypt.portal.services import accounts
 

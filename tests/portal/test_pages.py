@@ -6,8 +6,7 @@ import re
 
 import numpy as np
 from fastapi.testclient import TestClient
-
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, HOSPITAL_PASSWORD, Api, plain_update
+from portal_helpers import ADMIN_EMAIL, ADMIN_PASSWORD, HOSPITAL_PASSWORD, Api, plain_update
 
 _CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 

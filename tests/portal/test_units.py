@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from portal_helpers import plain_update, sha
 
-from conftest import plain_update, sha
 from fedcrypt.exceptions import ProtocolError
 from fedcrypt.portal import security
 from fedcrypt.portal.plots import MetricPoint, metrics_png, summarize

@@ -163,6 +163,40 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
+@app.command("set-password")
+def set_password(
+    email: Annotated[str, typer.Option("--email", help="The account (admin or hospital).")],
+    db: Annotated[
+        str | None, typer.Option("--db", help="SQLAlchemy URL [default: DATA_DIR/portal.db].")
+    ] = None,
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="The portal's data folder.")] = Path(
+        "portal-data"
+    ),
+) -> None:
+    """Set an account's password on the server (e.g. a forgotten admin password)."""
+    from fedcrypt.portal.config import PortalSettings, default_db_url, load_or_create_secret
+    from fedcrypt.portal.context import Portal
+    from fedcrypt.portal.errors import PortalError
+    from fedcrypt.portal.services import accounts
+
+    if db is None and not (data_dir / "portal.db").is_file():
+        raise ConfigError(f"no portal database in {data_dir} (pass --data-dir or --db)")
+    password = _password("New password (at least 12 characters)", confirm=True)
+    settings = PortalSettings(
+        db_url=db or default_db_url(data_dir),
+        data_dir=data_dir.resolve(),
+        secret_key=load_or_create_secret(data_dir),
+    )
+    portal = Portal.open(settings)
+    try:
+        user = accounts.set_password(portal, email=email, password=password)
+    except (PortalError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        portal.close()
+    console.print(f"password of {user.email} changed; its browser sessions were ended")
+
+
 # --- accounts -------------------------------------------------------------------------
 
 

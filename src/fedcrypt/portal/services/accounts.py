@@ -349,3 +349,33 @@ def list_hospitals(db: Session, *, status: str | None = None) -> list[User]:
     if status is not None:
         q = q.where(User.status == status)
     return list(db.scalars(q.order_by(User.id)))
+
+
+def set_password(portal: Portal, *, email: str, password: str) -> User:
+    """Replace an account's password from the server console and end its sessions.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.NotFoundError
+        If no account has this e-mail.
+    ValueError
+        If the password is shorter than 12 characters.
+    """
+    if len(password) < PASSWORD_MIN:
+        raise ValueError(f"the password must have at least {PASSWORD_MIN} characters")
+    with portal.session() as db:
+        user = db.scalar(select(User).where(User.email == email.strip().lower()))
+        if user is None:
+            raise NotFoundError(f"no account with e-mail {email!r}")
+        user.password_hash = hash_password(password)
+        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        record(
+            db,
+            at=portal.clock(),
+            actor=None,
+            actor_label="server console",
+            action="password.reset",
+            target=user.email,
+        )
+        db.commit()
+        return user

@@ -19,6 +19,7 @@ from fedcrypt.portal.services import rounds as svc
 from fedcrypt.portal.storage import PendingBlob
 from fedcrypt.portal.streaming import receive_form_file
 from fedcrypt.portal.web.common import check_csrf, redirect, render
+from fedcrypt.protection.presets import PRESETS
 
 router = APIRouter()
 
@@ -26,7 +27,7 @@ FormStr = Annotated[str, Form(max_length=4000)]
 FormFile = Annotated[UploadFile | None, File()]
 
 MODEL_SUGGESTIONS = ("mlp", "cnn", "mobilenetv2")
-PRESET_SUGGESTIONS = ("fast", "default", "secure")
+PRESET_SUGGESTIONS: tuple[str, ...] = tuple(PRESETS)
 
 
 @router.get("/federations")
@@ -182,6 +183,7 @@ def federation_page(
             "summary": summarize(points),
             "has_metrics": bool(points),
             "is_draft": fed.status == FED_DRAFT,
+            "base_url": str(request.base_url).rstrip("/"),
         },
         user=user,
     )
