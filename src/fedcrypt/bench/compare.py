@@ -321,15 +321,13 @@ def _flower_apps(cfg: RunConfig, log_path: Path) -> tuple[Any, Any, dict[str, An
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
             vec = np.asarray(parameters[0], dtype=np.float64)
             rnd = int(config.get("server-round", 1))
-            _, metrics = self.hospital.fit(
-                PlainHospital().protect(vec, num_examples=1), "initial", server_round=rnd
-            )
+            metrics = self.hospital.train_from(vec, server_round=rnd)
             trained = flatten(self.hospital.model.state_dict()).astype(np.float32)
             return [trained], self.hospital.data.num_train, {"train-loss": metrics["train-loss"]}
 
         def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
             vec = np.asarray(parameters[0], dtype=np.float64)
-            metrics, _ = self.hospital.assess(PlainHospital().protect(vec, num_examples=1))
+            metrics, _ = self.hospital.evaluate_weights(vec)
             n = int(metrics.get("test-examples", 1))
             return (
                 float(metrics.get("test-loss", 0.0)),

@@ -94,7 +94,7 @@ class Hospital:
     model: torch.nn.Module = field(init=False)
     layout: Layout = field(init=False)
     protection: HospitalProtection = field(init=False)
-    _cache: tuple[str, NDArray[np.float64], float] | None = field(init=False, default=None)
+    _cache: tuple[str, NDArray[np.float64]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not 0 <= self.client_id < self.num_clients:
@@ -123,13 +123,15 @@ class Hospital:
         )
 
     # -- global model -------------------------------------------------------------
-    def load_global(self, payload: bytes, kind: str) -> float:
-        """Unprotect the global payload and load it into the model.
+    def unprotect_global(self, payload: bytes, kind: str) -> tuple[NDArray[np.float64], float]:
+        """Unprotect a global payload into the flat weight vector (one-entry cache).
 
         Returns
         -------
-        float
-            Seconds spent unprotecting (0 when served from the one-entry cache).
+        vector : numpy.ndarray
+            Shape ``(P,)``, float64.
+        seconds : float
+            Seconds spent unprotecting (0 when served from the cache).
 
         Raises
         ------
@@ -138,40 +140,46 @@ class Hospital:
         """
         digest = hashlib.sha256(payload).hexdigest()
         if self._cache is not None and self._cache[0] == digest:
-            vector, seconds = self._cache[1], 0.0
+            return self._cache[1], 0.0
+        t0 = time.perf_counter()
+        if kind == INITIAL:
+            vector = PlainHospital().unprotect(payload).mean
+        elif kind == AGGREGATE:
+            vector = self.protection.unprotect(payload).mean
         else:
-            t0 = time.perf_counter()
-            if kind == INITIAL:
-                vector = PlainHospital().unprotect(payload).mean
-            elif kind == AGGREGATE:
-                vector = self.protection.unprotect(payload).mean
-            else:
-                raise ProtocolError(f"unknown global payload kind {kind!r}")
-            seconds = time.perf_counter() - t0
-            self._cache = (digest, vector, seconds)
+            raise ProtocolError(f"unknown global payload kind {kind!r}")
+        seconds = time.perf_counter() - t0
+        self._cache = (digest, vector)
+        return vector, seconds
+
+    def load_weights(self, vector: NDArray[np.floating]) -> None:
+        """Load a flat weight vector of shape ``(P,)`` into the model.
+
+        Raises
+        ------
+        fedcrypt.exceptions.ProtocolError
+            If the vector does not have this model's ``P`` values.
+        """
         if vector.shape != (self.layout.size,):
             raise ProtocolError(
                 f"global model has {vector.size} values, this hospital's model has "
                 f"{self.layout.size}: the parties disagree on the model"
             )
         self.model.load_state_dict(unflatten(vector, self.layout))
-        return seconds
 
-    # -- one round ------------------------------------------------------------------
-    def fit(
-        self, payload: bytes, kind: str, *, server_round: int
-    ) -> tuple[bytes, dict[str, float]]:
-        """Train on local data from the global model and protect the resulting weights.
+    # -- one round, on plain weights --------------------------------------------------
+    def train_from(self, vector: NDArray[np.floating], *, server_round: int) -> dict[str, float]:
+        """Load ``vector`` (shape ``(P,)``) and train on local data; the model keeps the result.
+
+        The training seed depends only on the run seed, the round and the hospital, so
+        every protection scheme trains identically from identical weights.
 
         Returns
         -------
-        update : bytes
-            The protected, example-weighted update.
-        metrics : dict
-            ``num-examples``, ``train-loss``, ``train-seconds``, ``protect-seconds``,
-            ``unprotect-seconds`` (seconds) and ``bytes-up`` (bytes).
+        dict
+            ``num-examples``, ``train-loss`` and ``train-seconds`` (seconds).
         """
-        unprotect_s = self.load_global(payload, kind)
+        self.load_weights(vector)
         cfg = self.config
         result = train(
             self.model,
@@ -182,34 +190,29 @@ class Hospital:
             class_weight=cfg.class_weight,
             seed=cfg.seed * 100_003 + server_round * 1_009 + self.client_id,
         )
-        vector = flatten(self.model.state_dict())
-        t0 = time.perf_counter()
-        update = self.protection.protect(vector, num_examples=self.data.num_train)
-        protect_s = time.perf_counter() - t0
-        return update, {
+        return {
             "num-examples": float(self.data.num_train),
             "train-loss": result.loss,
             "train-seconds": result.seconds,
-            "protect-seconds": protect_s,
-            "unprotect-seconds": unprotect_s,
-            "bytes-up": float(len(update)),
         }
 
-    def assess(
-        self, payload: bytes, *, final: bool = False
+    def evaluate_weights(
+        self, vector: NDArray[np.floating], *, final: bool = False
     ) -> tuple[dict[str, float], dict[str, list[float]]]:
-        """Unprotect the aggregate, evaluate it on validation and common test data.
+        """Load ``vector`` (shape ``(P,)``) and evaluate it on validation and common test data.
+
+        On the final round the test ROC curve is returned and, with an ``output_dir``,
+        the model is saved there as ``model.pt``.
 
         Returns
         -------
         metrics : dict
-            ``val-*`` and ``test-*`` loss/accuracy/auc with their example counts,
-            ``unprotect-seconds``.
+            ``val-*`` and ``test-*`` loss/accuracy/auc with their example counts.
         curves : dict
             On the final round, ``roc-fpr``/``roc-tpr`` of the test split; else empty.
         """
-        unprotect_s = self.load_global(payload, AGGREGATE)
-        metrics: dict[str, float] = {"unprotect-seconds": unprotect_s}
+        self.load_weights(vector)
+        metrics: dict[str, float] = {}
         curves: dict[str, list[float]] = {}
         for split, loader in (("val", self.data.val), ("test", self.data.test)):
             if len(loader.dataset) == 0:  # type: ignore[arg-type]
@@ -229,4 +232,45 @@ class Hospital:
         if final and self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             torch.save(self.model.state_dict(), self.output_dir / "model.pt")
+        return metrics, curves
+
+    # -- one round, on protected payloads ----------------------------------------------
+    def fit(
+        self, payload: bytes, kind: str, *, server_round: int
+    ) -> tuple[bytes, dict[str, float]]:
+        """Train on local data from the global payload and protect the resulting weights.
+
+        Returns
+        -------
+        update : bytes
+            The protected, example-weighted update.
+        metrics : dict
+            ``num-examples``, ``train-loss``, ``train-seconds``, ``protect-seconds``,
+            ``unprotect-seconds`` (seconds) and ``bytes-up`` (bytes).
+        """
+        vector, unprotect_s = self.unprotect_global(payload, kind)
+        metrics = self.train_from(vector, server_round=server_round)
+        t0 = time.perf_counter()
+        update = self.protection.protect(
+            flatten(self.model.state_dict()), num_examples=self.data.num_train
+        )
+        metrics.update(
+            {
+                "protect-seconds": time.perf_counter() - t0,
+                "unprotect-seconds": unprotect_s,
+                "bytes-up": float(len(update)),
+            }
+        )
+        return update, metrics
+
+    def assess(
+        self, payload: bytes, *, final: bool = False
+    ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Unprotect the aggregate and evaluate it (see :meth:`evaluate_weights`).
+
+        The metrics also hold ``unprotect-seconds``.
+        """
+        vector, unprotect_s = self.unprotect_global(payload, AGGREGATE)
+        metrics, curves = self.evaluate_weights(vector, final=final)
+        metrics["unprotect-seconds"] = unprotect_s
         return metrics, curves

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import ProtocolError
 from fedcrypt.federation.app import HospitalSetup
-from fedcrypt.federation.hospital import INITIAL, Hospital
+from fedcrypt.federation.hospital import Hospital
 from fedcrypt.federation.records import blob_from, blob_record
 from fedcrypt.protection.packing import flatten
 from fedcrypt.protection.plain import PlainHospital
@@ -222,9 +222,7 @@ def masked_input(setup: SecAggClientSetup, msg: Message, context: Context) -> Me
             )
         base = held_base
     # train exactly as the plain/ckks path does (same seeds), from the held weights
-    _, train_metrics = hospital.fit(
-        PlainHospital().protect(base, num_examples=1), INITIAL, server_round=rnd
-    )
+    train_metrics = hospital.train_from(base, server_round=rnd)
     delta = flatten(hospital.model.state_dict()) - base
     sec = setup.secagg(context)
     t0 = time.perf_counter()
@@ -271,9 +269,7 @@ def evaluate(setup: SecAggClientSetup, msg: Message, context: Context) -> Messag
     unprotect_s = time.perf_counter() - t0
     _save(context, sec)
     _hold(context, new_global, rnd)
-    metrics, curves = hospital.assess(
-        PlainHospital().protect(new_global, num_examples=1), final=bool(cfg.get("final", False))
-    )
+    metrics, curves = hospital.evaluate_weights(new_global, final=bool(cfg.get("final", False)))
     metrics["unprotect-seconds"] = unprotect_s
     return Message(
         content=RecordDict({"metrics": MetricRecord({**metrics, **curves})}),
