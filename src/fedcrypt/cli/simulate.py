@@ -159,7 +159,7 @@ def simulate(
 
     with Live(Group(table, progress), console=console, refresh_per_second=4, transient=False):
         record = run_simulation(
-            config, run_dir=run_dir, keys_dir=keys, on_round=on_round, verbose=verbose
+            config, run_dir=run_dir, keys_dir=keys, on_round=on_round, verbose=verbose, check=False
         )
         progress.update(task, description="done")
     console.print()

@@ -78,7 +78,9 @@ def _check_keys(config: RunConfig, hospital_key: Path | None, server_key: Path |
         )
 
 
-def check_run(config: RunConfig, *, keys_dir: Path | None = None) -> None:
+def check_run(
+    config: RunConfig, *, keys_dir: Path | None = None, secagg: SecAggOptions | None = None
+) -> None:
     """Fail fast, before any process starts, on bad data, model, preset or key files.
 
     Raises
@@ -89,7 +91,7 @@ def check_run(config: RunConfig, *, keys_dir: Path | None = None) -> None:
     if config.protection == "secagg":
         from fedcrypt.federation.secagg_flow import SecAggOptions
 
-        SecAggOptions().params(config)
+        (secagg or SecAggOptions()).params(config)
     from fedcrypt.federation.hospital import initial_payload
 
     initial_payload(config)
@@ -133,6 +135,7 @@ def run_simulation(
     on_round: Callable[[RoundRecord], None] | None = None,
     verbose: bool = False,
     secagg: SecAggOptions | None = None,
+    check: bool = True,
 ) -> RunRecord:
     """Simulate ``config.clients`` hospitals and a server; write the run directory.
 
@@ -154,6 +157,9 @@ def run_simulation(
         ``secagg`` tunables (default: :class:`SecAggOptions` defaults). Fresh Ed25519
         keys and a fresh consortium key are made for every run; the server gets only the
         registry of public keys.
+    check : bool
+        Run :func:`check_run` first (default: True); pass False when the caller
+        already did.
 
     Returns
     -------
@@ -165,7 +171,8 @@ def run_simulation(
     fedcrypt.exceptions.FedcryptError
         For bad configuration, key material, data, or a failed round.
     """
-    check_run(config, keys_dir=keys_dir)
+    if check:
+        check_run(config, keys_dir=keys_dir, secagg=secagg)
     _quiet_environment(verbose)
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -177,8 +184,7 @@ def run_simulation(
             server_app, client_app = _secagg_apps(
                 config, options=secagg or SecAggOptions(), run_dir=run_dir, outcome=outcome
             )
-        else:
-            _check_keys(config, hospital_key, server_key)
+        else:  # a --keys pair was checked by check_run; fresh keys are one pair
             server_app = build_server_app(config, server_key=server_key, outcome=outcome)
             client_app = build_client_app(
                 HospitalSetup(
