@@ -76,6 +76,38 @@ def _token(
     return out.strip()
 
 
+def _plain_federation(
+    name: str,
+    *,
+    hospitals: tuple[str, ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...] = (),
+) -> tuple[str, Path]:
+    """Register and approve ``hospitals``, create a 2-round plain federation (quorum 1).
+
+    Returns the admin token and the initial model's path.
+    """
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
+    for hospital in hospitals:
+        run(["portal", "register", "--name", hospital, "--email", f"{hospital}@example.org"])
+    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
+    for hospital in hospitals:
+        run(["portal", "approve", f"{hospital}@example.org", "--token", admin])
+    initial = tmp_path / "initial.pt"
+    run(["portal", "init-model", "-o", str(initial)])
+    code, out, _ = run(
+        [
+            "portal", "create-federation", "--name", name, "--initial-model", str(initial),
+            "--protection", "plain", "--quorum", "1", "--rounds", "2", *extra, "--token", admin,
+        ]
+    )  # fmt: skip
+    assert code == 0, out
+    return admin, initial
+
+
 def test_hospital_and_admin_workflow(
     portal_app: TestClient,
     tmp_path: Path,
@@ -290,31 +322,9 @@ def test_participate_in_process(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
-    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
-    run(["portal", "register", "--name", "Solo", "--email", "solo@example.org"])
-    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
-    run(["portal", "approve", "solo@example.org", "--token", admin])
-    initial = tmp_path / "initial.pt"
-    run(["portal", "init-model", "-o", str(initial)])
-    code, out, _ = run(
-        [
-            "portal",
-            "create-federation",
-            "--name",
-            "solo",
-            "--initial-model",
-            str(initial),
-            "--protection",
-            "plain",
-            "--quorum",
-            "1",
-            "--rounds",
-            "2",
-            "--token",
-            admin,
-        ]
+    _plain_federation(
+        "solo", hospitals=("solo",), tmp_path=tmp_path, monkeypatch=monkeypatch, capsys=capsys
     )
-    assert code == 0, out
     tok = _token("solo@example.org", HOSP_PW, monkeypatch, capsys)
     out_dir = tmp_path / "hospital"
     code, out, err = run(
@@ -350,35 +360,14 @@ def test_participate_joins_a_running_federation(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
-    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
-    for name in ("early", "late"):
-        run(["portal", "register", "--name", name, "--email", f"{name}@example.org"])
-    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
-    for name in ("early", "late"):
-        run(["portal", "approve", f"{name}@example.org", "--token", admin])
-    initial = tmp_path / "initial.pt"
-    run(["portal", "init-model", "-o", str(initial)])
-    code, out, _ = run(
-        [
-            "portal",
-            "create-federation",
-            "--name",
-            "running",
-            "--initial-model",
-            str(initial),
-            "--protection",
-            "plain",
-            "--quorum",
-            "1",
-            "--rounds",
-            "2",
-            "--deadline-minutes",
-            "0.001",
-            "--token",
-            admin,
-        ]
+    _, initial = _plain_federation(
+        "running",
+        hospitals=("early", "late"),
+        tmp_path=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+        extra=("--deadline-minutes", "0.001"),
     )
-    assert code == 0, out
     early = _token("early@example.org", HOSP_PW, monkeypatch, capsys)
     state = torch.load(initial, weights_only=True)
     update = tmp_path / "early.fcry"

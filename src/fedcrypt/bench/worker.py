@@ -36,6 +36,18 @@ def update_vector(values: int, *, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0.0, 0.05, values).astype(np.float32)
 
 
+def _protect_row(t0: float, t1: float, t2: float, *, size: int, baseline: int) -> dict[str, Any]:
+    """One protect measurement: encrypt ``t0..t1``, serialize ``t1..t2`` (seconds), bytes."""
+    return {
+        "encrypt_s": t1 - t0,
+        "serialize_s": t2 - t1,
+        "protect_s": t2 - t0,
+        "bytes": size,
+        "peak_bytes": peak_rss(),
+        "baseline_bytes": baseline,
+    }
+
+
 def _paper(task: dict[str, Any]) -> dict[str, Any]:
     """The seed paper's method: one CKKS ciphertext per value (``ts.ckks_tensor``)."""
     import tenseal as ts
@@ -51,14 +63,7 @@ def _paper(task: dict[str, Any]) -> dict[str, Any]:
     t1 = time.perf_counter()
     blob = enc.serialize()
     t2 = time.perf_counter()
-    out: dict[str, Any] = {
-        "encrypt_s": t1 - t0,
-        "serialize_s": t2 - t1,
-        "protect_s": t2 - t0,
-        "bytes": len(blob),
-        "peak_bytes": peak_rss(),
-        "baseline_bytes": base,
-    }
+    out: dict[str, Any] = _protect_row(t0, t1, t2, size=len(blob), baseline=base)
     if task.get("full"):
         copies = [ts.ckks_tensor_from(ctx, blob) for _ in range(int(task.get("copies", 10)))]
         t3 = time.perf_counter()
@@ -89,14 +94,7 @@ def _tenseal_parts(task: dict[str, Any]) -> dict[str, Any]:
     t1 = time.perf_counter()
     size = sum(len(v.serialize()) for v in vecs)
     t2 = time.perf_counter()
-    return {
-        "encrypt_s": t1 - t0,
-        "serialize_s": t2 - t1,
-        "protect_s": t2 - t0,
-        "bytes": size,
-        "peak_bytes": peak_rss(),
-        "baseline_bytes": base,
-    }
+    return _protect_row(t0, t1, t2, size=size, baseline=base)
 
 
 def _packed_parts(task: dict[str, Any]) -> dict[str, Any]:
@@ -117,14 +115,7 @@ def _packed_parts(task: dict[str, Any]) -> dict[str, Any]:
     t1 = time.perf_counter()
     size = sum(len(codec._ctx.dump(c)) for c in cts) + len(enc.table)
     t2 = time.perf_counter()
-    return {
-        "encrypt_s": t1 - t0,
-        "serialize_s": t2 - t1,
-        "protect_s": t2 - t0,
-        "bytes": size,
-        "peak_bytes": peak_rss(),
-        "baseline_bytes": base,
-    }
+    return _protect_row(t0, t1, t2, size=size, baseline=base)
 
 
 def _hospital(preset: str, key_dir: Path) -> Any:
