@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedcrypt.federation.deploy_local import DeploymentError, deploy_locally
+from fedcrypt.exceptions import DeploymentError
+from fedcrypt.federation.deploy_local import deploy_locally
 
 APP_DIR = Path(__file__).resolve().parents[1] / "deploy"
 

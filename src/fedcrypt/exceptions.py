@@ -41,3 +41,7 @@ class AggregationError(FedcryptError):
 
 class DropoutError(AggregationError):
     """Too many hospitals dropped out for the aggregate to be recovered."""
+
+
+class DeploymentError(FedcryptError):
+    """A Flower deployment (SuperLink/SuperNodes) could not start, or its run failed."""

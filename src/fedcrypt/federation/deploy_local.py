@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcrypt.exceptions import FedcryptError
+from fedcrypt.exceptions import DeploymentError
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ _MARKER = "FEDCRYPT_DEPLOYMENT"
 _STATUS_EVERY = 10.0  # seconds between run-status queries while the run goes on
 
 ConfigValue = str | int | float | bool
-
-
-class DeploymentError(FedcryptError):
-    """The local deployment could not be started, or its run failed or timed out."""
 
 
 @dataclass(frozen=True)
