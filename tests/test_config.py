@@ -8,9 +8,9 @@ from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import ConfigError
 
 
-def test_defaults_are_the_embedded_ckks_job() -> None:
+def test_defaults_are_the_embedded_he_job() -> None:
     cfg = RunConfig.build()
-    assert (cfg.dataset, cfg.protection, cfg.clients) == ("wdbc", "ckks", 3)
+    assert (cfg.dataset, cfg.protection, cfg.clients) == ("wdbc", "he", 3)
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,9 @@ def test_flower_run_config_round_trip() -> None:
     flat = cfg.to_flower()
     assert all(isinstance(v, str | int | float | bool) for v in flat.values())
     assert RunConfig.from_flower({**flat, "server-key": "/k/server.key"}) == cfg
+
+
+def test_ckks_is_a_deprecated_alias_of_he() -> None:
+    with pytest.warns(FutureWarning, match="deprecated"):
+        cfg = RunConfig.build(protection="ckks")
+    assert cfg.protection == "he"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedcrypt.exceptions import ConfigError
 
-Protection = Literal["plain", "ckks", "secagg"]
+Protection = Literal["plain", "he", "secagg"]
+#: Old protection names still accepted (with a warning), and the mode each now means.
+DEPRECATED_PROTECTIONS: dict[str, str] = {"ckks": "he"}
 Partition = Literal["iid", "dirichlet"]
 
 #: Model used when ``--model`` is not given, by dataset kind.
@@ -51,12 +54,14 @@ class RunConfig(BaseModel):
         Share of each hospital's data kept for local validation (default: 0.2).
     seed : int
         Seeds data partitioning, model initialisation and local training (default: 0).
-    protection : {"plain", "ckks", "secagg"}
-        How updates are protected from the server (default: ``ckks``).
+    protection : {"plain", "he", "secagg"}
+        How updates are protected from the server (default: ``he``). ``ckks`` is a
+        deprecated alias of ``he`` (accepted with a ``FutureWarning``).
     he_preset : str or None
-        CKKS parameter preset name; None uses the library default (default: None).
+        HE parameter preset name (CKKS or BFV, see ``fedcrypt keys presets``); None
+        uses the library default, ``packed`` (default: None).
     encrypt_layers : str
-        Which tensors ``ckks`` encrypts: ``all``, ``last``, ``last:N`` or a regex
+        Which tensors ``he`` encrypts: ``all``, ``last``, ``last:N`` or a regex
         (default: ``all``).
     width_mult : float
         MobileNetV2 width multiplier (default: 1.0).
@@ -80,7 +85,7 @@ class RunConfig(BaseModel):
     alpha: float = Field(default=0.5, gt=0)
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     seed: int = Field(default=0, ge=0)
-    protection: Protection = "ckks"
+    protection: Protection = "he"
     he_preset: str | None = None
     encrypt_layers: str = "all"
     width_mult: float = Field(default=1.0, gt=0, le=4)
@@ -94,10 +99,23 @@ class RunConfig(BaseModel):
             raise ValueError("dataset must not be empty")
         return value if value.endswith(".npz") else value.lower()
 
+    @field_validator("protection", mode="before")
+    @classmethod
+    def _protection(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in DEPRECATED_PROTECTIONS:
+            old = value.strip().lower()
+            warnings.warn(
+                f"--protection {old} is deprecated; use --protection {DEPRECATED_PROTECTIONS[old]}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return DEPRECATED_PROTECTIONS[old]
+        return value.strip().lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.protection != "ckks" and self.encrypt_layers != "all":
-            raise ValueError("--encrypt-layers applies only to --protection ckks")
+        if self.protection != "he" and self.encrypt_layers != "all":
+            raise ValueError("--encrypt-layers applies only to --protection he")
         return self
 
     @classmethod

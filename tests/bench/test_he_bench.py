@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedcrypt.bench.he import TABLE_I, Options, measure, run_he
-from fedcrypt.protection.presets import check_security
+from fedcrypt.protection.he.params import check_security
 
 
 def test_table_i_configurations_are_secure() -> None:

@@ -23,7 +23,7 @@ from fedcrypt.portal.app import create_app  # noqa: E402
 from fedcrypt.portal.client import PortalClient  # noqa: E402
 from fedcrypt.portal.config import PortalSettings, default_db_url  # noqa: E402
 from fedcrypt.portal.services import accounts  # noqa: E402
-from fedcrypt.protection.packing import flatten  # noqa: E402
+from fedcrypt.protection.flatten import flatten  # noqa: E402
 
 ADMIN = "admin@example.org"
 ADMIN_PW = "admin-password-1"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcrypt.protection.keys import write_key_files
+from fedcrypt.protection.he.keys import write_key_files
 
 
 def _fedcrypt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

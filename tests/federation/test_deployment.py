@@ -100,12 +100,12 @@ def _processes_with(marker: str) -> list[int]:
 
 @pytest.mark.deployment
 @pytest.mark.timeout(600)
-def test_one_ckks_round_on_the_deployment_engine(tmp_path: Path) -> None:
+def test_one_he_round_on_the_deployment_engine(tmp_path: Path) -> None:
     pytest.importorskip("tenseal")
     work = tmp_path / "deployment"
     try:
         result = deploy_locally(
-            app_dir=APP_DIR, work_dir=work, clients=3, rounds=1, protection="ckks", timeout=420
+            app_dir=APP_DIR, work_dir=work, clients=3, rounds=1, protection="he", timeout=420
         )
     finally:
         if sys.platform.startswith("linux"):
@@ -117,7 +117,7 @@ def test_one_ckks_round_on_the_deployment_engine(tmp_path: Path) -> None:
     assert rounds[0]["clients"] == 3
     assert math.isfinite(rounds[0]["auc"]) and 0.0 <= rounds[0]["auc"] <= 1.0
     assert rounds[0]["bytes_up_per_client"] > 0
-    assert result.metrics["info"]["scheme"] == "ckks"
+    assert result.metrics["info"]["scheme"] == "he"
     assert (result.hospital_dirs[0] / "model.pt").is_file()
     assert (result.run_dir / "metrics.json").is_file()
 

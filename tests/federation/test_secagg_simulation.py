@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from fedcrypt.config import RunConfig
-from fedcrypt.data.hospital import hospital_data
 from fedcrypt.federation.hospital import _dataset
 from fedcrypt.federation.secagg_flow import SecAggOptions
 from fedcrypt.federation.simulation import run_simulation
 from fedcrypt.protection.secagg import TooFewSurvivorsError
+from fedcrypt.tasks.data.hospital import hospital_data
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import torch
 
 from fedcrypt.config import RunConfig
 from fedcrypt.federation.simulation import run_simulation
-from fedcrypt.protection.ckks import error_bound
-from fedcrypt.protection.keys import write_key_files
-from fedcrypt.protection.presets import DEFAULT_PRESET, get_preset
+from fedcrypt.protection.he.bounds import error_bound
+from fedcrypt.protection.he.keys import write_key_files
+from fedcrypt.protection.he.params import DEFAULT_PRESET, get_preset
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     keys = base / "keys"
     write_key_files(keys, preset=DEFAULT_PRESET)
     out = {}
-    for scheme in ("plain", "ckks"):
+    for scheme in ("plain", "he"):
         cfg = RunConfig.build(protection=scheme, rounds=1, clients=3, seed=7)
-        run_simulation(cfg, run_dir=base / scheme, keys_dir=keys if scheme == "ckks" else None)
+        run_simulation(cfg, run_dir=base / scheme, keys_dir=keys if scheme == "he" else None)
         out[scheme] = base / scheme
     return out
 
@@ -47,11 +47,11 @@ def test_ckks_global_weights_equal_plain_fedavg_within_the_ckks_bound(
     local updates are bit-identical; the only difference is the encrypted sum. The CKKS
     error on each value of the decrypted mean is at most ``error_bound`` (encoding
     rounding K*N/2 plus encryption noise, divided by the scale 2^scale_bits and by the
-    total example count; see fedcrypt.protection.ckks.error_bound). ``model.pt`` stores
+    total example count; see fedcrypt.protection.he.ckks.error_bound). ``model.pt`` stores
     float32, which adds up to half an ulp: 2^-24 * |w|. We take max_abs = 4 * max|w|
     as a generous bound on the hospitals' local weights.
     """
-    plain, ckks = _weights(runs["plain"]), _weights(runs["ckks"])
+    plain, ckks = _weights(runs["plain"]), _weights(runs["he"])
     assert plain.shape == ckks.shape and plain.size > 1000
     max_abs = 4 * float(np.abs(plain).max())
     bound = error_bound(get_preset(DEFAULT_PRESET), num_hospitals=3, max_abs=max_abs)
@@ -64,16 +64,16 @@ def test_ckks_global_weights_equal_plain_fedavg_within_the_ckks_bound(
 def test_ckks_and_plain_metrics_agree(runs: dict[str, Path]) -> None:
     m = {s: json.loads((p / "metrics.json").read_text()) for s, p in runs.items()}
     for key in ("accuracy", "auc"):
-        assert abs(m["ckks"]["final"][key] - m["plain"]["final"][key]) <= 0.005
+        assert abs(m["he"]["final"][key] - m["plain"]["final"][key]) <= 0.005
     assert m["plain"]["final"]["auc"] > 0.9
 
 
 def test_run_directory_holds_the_report(runs: dict[str, Path]) -> None:
-    run = runs["ckks"]
+    run = runs["he"]
     for name in ("metrics.json", "report.md", "roc.png", "rounds.png", "model.pt"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["config"]["protection"] == "ckks"
+    assert metrics["config"]["protection"] == "he"
     (rnd,) = metrics["rounds"]
     for key in (
         "round",

@@ -30,13 +30,16 @@ def golden_vectors() -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    from fedcrypt.protection import keys, wire  # noqa: PLC0415
+    from fedcrypt.protection import wire
+    from fedcrypt.protection.he import keys
     from fedcrypt.protection.plain import PlainAggregator, PlainHospital
 
     a, b = golden_vectors()
     envelope = wire.pack({"scheme": "test", "n": 1, "s": "é"}, [b"", b"abc", bytes(range(256))])
     (HERE / "envelope.bin").write_bytes(envelope)
-    plain_msgs = [PlainHospital().protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES)]
+    plain_msgs = [
+        PlainHospital().protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES, strict=True)
+    ]
     (HERE / "plain-update.bin").write_bytes(plain_msgs[0])
     (HERE / "plain-aggregate.bin").write_bytes(PlainAggregator().aggregate(plain_msgs))
     info = {}
@@ -46,7 +49,7 @@ def main() -> None:
         (HERE / f"{preset}-server-key.bin").write_bytes(server_bytes)
         hospital = keys.hospital_from_bytes(hospital_bytes)
         server = keys.server_from_bytes(server_bytes)
-        msgs = [hospital.protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES)]
+        msgs = [hospital.protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES, strict=True)]
         (HERE / f"{preset}-update.bin").write_bytes(msgs[0])
         (HERE / f"{preset}-aggregate.bin").write_bytes(server.aggregate(msgs))
         info[preset] = {"fingerprint": hospital.fingerprint}

@@ -40,7 +40,8 @@ def api(tmp_path: Path, clock: FakeClock) -> Iterator[Api]:
 def ckks_keys() -> tuple[bytes, bytes]:
     """A hospital key file and its server key file (skips if ckks is unavailable)."""
     keys = pytest.importorskip(
-        "fedcrypt.protection.keys", reason="fedcrypt.protection.ckks (TenSEAL) is not importable"
+        "fedcrypt.protection.he.keys",
+        reason="fedcrypt.protection.he.ckks (TenSEAL) is not importable",
     )
     hospital, server = keys.generate_keys("fast")
     return hospital, server

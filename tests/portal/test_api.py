@@ -224,7 +224,7 @@ def test_ckks_federation_refuses_a_secret_hospital_key(
     api: Api, ckks_keys: tuple[bytes, bytes]
 ) -> None:
     hospital_key, server_key = ckks_keys
-    fid = api.federation(protection="ckks", publish=False)
+    fid = api.federation(protection="he", publish=False)
     c = api.client
     r = c.put(f"/api/v1/federations/{fid}/server-key", content=hospital_key, headers=api.admin)
     assert r.status_code == 422 and "secret" in r.json()["detail"]
@@ -492,14 +492,14 @@ def test_admin_forces_aggregation(api: Api) -> None:
 
 
 def test_ckks_rounds_and_foreign_key_context(api: Api, ckks_keys: tuple[bytes, bytes]) -> None:
-    from fedcrypt.protection import keys
+    from fedcrypt.protection.he import keys
 
     hospital_key, server_key = ckks_keys
     hospital = keys.hospital_from_bytes(hospital_key)
     other_hospital = keys.hospital_from_bytes(keys.generate_keys("fast")[0])
     _, a = api.hospital()
     _, b = api.hospital()
-    fid = api.federation(protection="ckks", server_key=server_key, quorum=2)
+    fid = api.federation(protection="he", server_key=server_key, quorum=2)
     x, y = np.linspace(-1, 1, 6), np.linspace(0.5, -0.5, 6)
     r = api.upload(fid, 1, other_hospital.protect(x, num_examples=3), a)
     assert r.status_code == 422 and "another key context" in r.json()["detail"]
@@ -516,12 +516,13 @@ def test_ckks_rounds_and_foreign_key_context(api: Api, ckks_keys: tuple[bytes, b
 
 
 def test_corrupt_ciphertext_is_rejected_at_upload(api: Api, ckks_keys: tuple[bytes, bytes]) -> None:
-    from fedcrypt.protection import keys, wire
+    from fedcrypt.protection import wire
+    from fedcrypt.protection.he import keys
 
     hospital_key, server_key = ckks_keys
     hospital = keys.hospital_from_bytes(hospital_key)
     _, a = api.hospital()
-    fid = api.federation(protection="ckks", server_key=server_key, quorum=2)
+    fid = api.federation(protection="he", server_key=server_key, quorum=2)
     env = wire.unpack(hospital.protect(np.ones(6), num_examples=2))
     bad = wire.pack(env.header, [b"\x00" * len(s) for s in env.sections])
     r = api.upload(fid, 1, bad, a)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcrypt.protection.packing import flatten
+from fedcrypt.protection.flatten import flatten
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,8 @@ HOSP_PW = "e2e-hospital-pass"
 
 def _ckks_importable() -> bool:
     try:
-        import fedcrypt.protection.ckks
-        import fedcrypt.protection.keys  # noqa: F401
+        import fedcrypt.protection.he.ckks
+        import fedcrypt.protection.he.keys  # noqa: F401
     except ImportError:
         return False
     return True
@@ -118,13 +118,13 @@ def _token(url: str, email: str, password: str) -> str:
 
 
 @pytest.mark.skipif(
-    not _ckks_importable(), reason="fedcrypt.protection.ckks is not importable (TenSEAL missing)"
+    not _ckks_importable(), reason="fedcrypt.protection.he.ckks is not importable (TenSEAL missing)"
 )
 def test_three_hospitals_two_ckks_rounds_with_a_restart(server: Server, tmp_path: Path) -> None:
-    from fedcrypt.data.datasets import load_dataset
-    from fedcrypt.models import create_model
     from fedcrypt.portal.client import PortalClient
-    from fedcrypt.protection.keys import write_key_files
+    from fedcrypt.protection.he.keys import write_key_files
+    from fedcrypt.tasks.data.datasets import load_dataset
+    from fedcrypt.tasks.models import create_model
 
     url = server.url
     admin_token = _token(url, "admin@example.org", ADMIN_PW)
@@ -151,7 +151,7 @@ def test_three_hospitals_two_ckks_rounds_with_a_restart(server: Server, tmp_path
         fed = client.create_federation(
             name="e2e",
             model="mlp",
-            protection="ckks",
+            protection="he",
             quorum=3,
             num_rounds=2,
             round_deadline_minutes=10,

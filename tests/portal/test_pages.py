@@ -261,4 +261,4 @@ def test_browser_form_refuses_a_hospital_key(api: Api, ckks_keys: tuple[bytes, b
     )
     assert r.status_code == 303
     fed = api.client.get("/api/v1/federations", headers=api.admin).json()[0]
-    assert fed["protection"] == "ckks" and fed["key_fingerprint"]
+    assert fed["protection"] == "he" and fed["key_fingerprint"]

@@ -55,7 +55,7 @@ def test_inspect_file_matches_wire_unpack(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError, match="wrong model size"):
         check_against_federation(info, protection="plain", model_size=6, key_fingerprint=None)
     with pytest.raises(ProtocolError, match="'plain'"):
-        check_against_federation(info, protection="ckks", model_size=None, key_fingerprint="ab")
+        check_against_federation(info, protection="he", model_size=None, key_fingerprint="ab")
 
 
 @pytest.mark.parametrize(
@@ -89,8 +89,8 @@ def test_inspect_file_header_fields(tmp_path: Path) -> None:
     )
     info = inspect_file(_write(tmp_path, ckks_like))
     with pytest.raises(ProtocolError, match="another key context"):
-        check_against_federation(info, protection="ckks", model_size=3, key_fingerprint="bb" * 32)
-    check_against_federation(info, protection="ckks", model_size=3, key_fingerprint="aa" * 32)
+        check_against_federation(info, protection="he", model_size=3, key_fingerprint="bb" * 32)
+    check_against_federation(info, protection="he", model_size=3, key_fingerprint="aa" * 32)
 
 
 def test_bearer_secrets_and_csrf() -> None:

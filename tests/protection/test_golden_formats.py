@@ -34,7 +34,7 @@ def _expected_mean() -> np.ndarray:
 
 
 def _keys():  # type: ignore[no-untyped-def]
-    from fedcrypt.protection import keys  # the module path may move; the format may not
+    from fedcrypt.protection.he import keys  # the module path may move; the format may not
 
     return keys
 

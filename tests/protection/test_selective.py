@@ -9,8 +9,8 @@ import torch
 from fedcrypt.exceptions import AggregationError, ConfigError, ProtocolError
 from fedcrypt.protection import wire
 from fedcrypt.protection.base import HospitalProtection, ServerAggregator
-from fedcrypt.protection.keys import generate_keys, hospital_from_bytes, server_from_bytes
-from fedcrypt.protection.packing import Layout, flatten
+from fedcrypt.protection.flatten import Layout, flatten
+from fedcrypt.protection.he.keys import generate_keys, hospital_from_bytes, server_from_bytes
 from fedcrypt.protection.selective import (
     SelectiveAggregator,
     SelectiveHospital,

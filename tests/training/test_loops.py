@@ -11,9 +11,9 @@ import torch
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcrypt.data import hospital_data, load_dataset
 from fedcrypt.exceptions import ConfigError, DataError
-from fedcrypt.models import create_model
+from fedcrypt.tasks.data import hospital_data, load_dataset
+from fedcrypt.tasks.models import create_model
 from fedcrypt.training import EvalResult, evaluate, train
 from fedcrypt.training.loops import _balanced_weights
 

@@ -1,4 +1,4 @@
-"""``fedcrypt bench compare``: one federated task under plain, ckks, secagg and Flower's SecAgg+."""
+"""``fedcrypt bench compare``: one federated task under plain, he, secagg and Flower's SecAgg+."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fedcrypt.config import RunConfig
 log = logging.getLogger(__name__)
 
 #: Mode names; ``flower-secagg+`` is Flower's own SecAgg+ (legacy API, real Flower code).
-MODES = ("plain", "ckks", "secagg", "flower-secagg+")
+MODES = ("plain", "he", "secagg", "flower-secagg+")
 FLOWER = "flower-secagg+"
 ROUND_KEYS = (
     "bytes_up",
@@ -302,7 +302,7 @@ def _flower_apps(cfg: RunConfig, log_path: Path) -> tuple[Any, Any, dict[str, An
 
     from fedcrypt.federation.app import HospitalSetup
     from fedcrypt.federation.hospital import initial_payload
-    from fedcrypt.protection.packing import flatten
+    from fedcrypt.protection.flatten import flatten
     from fedcrypt.protection.plain import PlainHospital
 
     initial, layout = initial_payload(cfg)

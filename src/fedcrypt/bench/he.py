@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcrypt.protection.presets import DEFAULT_PRESET, check_security, get_preset
+from fedcrypt.protection.he.params import DEFAULT_PRESET, check_security, get_preset
 
 #: Values in the seed paper's MobileNetV2 update (its transfer head included).
 MOBILENETV2_VALUES = 2_236_000

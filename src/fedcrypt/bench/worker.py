@@ -82,8 +82,8 @@ def _tenseal_parts(task: dict[str, Any]) -> dict[str, Any]:
     """Packed CKKS vectors (NVIDIA FLARE's way): encrypt and serialize timed apart."""
     import tenseal as ts
 
-    from fedcrypt.protection.ckks import context_for
-    from fedcrypt.protection.presets import get_preset
+    from fedcrypt.protection.he.ckks import context_for
+    from fedcrypt.protection.he.params import get_preset
 
     preset = get_preset(str(task["preset"]))
     ctx = context_for(preset)
@@ -99,11 +99,11 @@ def _tenseal_parts(task: dict[str, Any]) -> dict[str, Any]:
 
 def _packed_parts(task: dict[str, Any]) -> dict[str, Any]:
     """Ours: quantize + pack + encrypt, then serialize, timed apart (calibrated round)."""
-    from fedcrypt.protection import keys
+    from fedcrypt.protection.he import keys
+    from fedcrypt.protection.he.bfv import BFVHospital
 
-    hospital = keys.hospital_from_bytes(keys.generate_keys(str(task["preset"]))[0])
-    codec = hospital._codec
-    assert codec is not None
+    codec = keys.hospital_from_bytes(keys.generate_keys(str(task["preset"]))[0])
+    assert isinstance(codec, BFVHospital)
     x = update_vector(int(task["values"])).astype(np.float64)
     n = 100
     noise = np.random.default_rng(1).normal(0.0, 0.001, x.size)
@@ -111,15 +111,15 @@ def _packed_parts(task: dict[str, Any]) -> dict[str, Any]:
     base = peak_rss()
     t0 = time.perf_counter()
     enc = codec.encode(x * n, num_examples=n)
-    cts = [codec._ctx.encrypt_ciphertext(row) for row in enc.slots]
+    cts = [codec.context.encrypt_ciphertext(row) for row in enc.slots]
     t1 = time.perf_counter()
-    size = sum(len(codec._ctx.dump(c)) for c in cts) + len(enc.table)
+    size = sum(len(codec.context.dump(c)) for c in cts) + len(enc.table)
     t2 = time.perf_counter()
     return _protect_row(t0, t1, t2, size=size, baseline=base)
 
 
 def _hospital(preset: str, key_dir: Path) -> Any:
-    from fedcrypt.protection import keys
+    from fedcrypt.protection.he import keys
     from fedcrypt.protection.plain import PlainHospital
 
     if preset == "plain":
@@ -157,7 +157,7 @@ def _protect(task: dict[str, Any]) -> dict[str, Any]:
 
 def _aggregate(task: dict[str, Any]) -> dict[str, Any]:
     """The server adding ``copies`` received updates (distinct buffers, same content)."""
-    from fedcrypt.protection import keys
+    from fedcrypt.protection.he import keys
     from fedcrypt.protection.plain import PlainAggregator
 
     preset = str(task["preset"])
@@ -202,7 +202,7 @@ def _decrypt(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keys(task: dict[str, Any]) -> dict[str, Any]:
-    from fedcrypt.protection import keys
+    from fedcrypt.protection.he import keys
 
     t0 = time.perf_counter()
     h, s = keys.generate_keys(str(task["preset"]))

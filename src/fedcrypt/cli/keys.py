@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedcrypt.protection import keys as keyfiles
-from fedcrypt.protection.presets import DEFAULT_PRESET, PRESETS
+from fedcrypt.protection.he import keys as keyfiles
+from fedcrypt.protection.he.params import DEFAULT_PRESET, PRESETS
 
 app = typer.Typer(help="Generate and inspect CKKS key files.", no_args_is_help=True)
 

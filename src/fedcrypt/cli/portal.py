@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedcrypt.cli.options import cli_protection
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.portal.client import PortalClient
 
@@ -296,9 +297,9 @@ def init_model(
     """Write a freshly initialised model's state_dict (the federation's initial model)."""
     import torch
 
-    from fedcrypt.data.datasets import load_dataset
-    from fedcrypt.models import create_model
-    from fedcrypt.protection.packing import Layout
+    from fedcrypt.protection.flatten import Layout
+    from fedcrypt.tasks.data.datasets import load_dataset
+    from fedcrypt.tasks.models import create_model
 
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
     torch.manual_seed(seed)
@@ -323,13 +324,18 @@ def create_federation(
     dataset_description: Annotated[
         str, typer.Option("--description", help="Dataset description.")
     ] = "",
-    protection: Annotated[str, typer.Option(help="ckks or plain.")] = "ckks",
+    protection: Annotated[
+        str,
+        typer.Option(
+            help="he (homomorphic encryption) or plain; ckks is a deprecated alias of he."
+        ),
+    ] = "he",
     server_key: Annotated[
         Path | None,
-        typer.Option("--server-key", help="ckks: the public server.key (never hospital.key)."),
+        typer.Option("--server-key", help="he: the public server.key (never hospital.key)."),
     ] = None,
     he_preset: Annotated[
-        str | None, typer.Option("--he-preset", help="CKKS preset name (informative).")
+        str | None, typer.Option("--he-preset", help="HE preset name (informative).")
     ] = None,
     quorum: Annotated[int, typer.Option(help="Minimum hospitals per round.")] = 2,
     deadline_minutes: Annotated[
@@ -342,10 +348,12 @@ def create_federation(
     """Create a federation, upload its public key and initial model, open round 1 (admin)."""
     import torch
 
-    from fedcrypt.protection.packing import Layout
+    from fedcrypt.protection.flatten import Layout
+    from fedcrypt.protection.registry import get_scheme
 
-    if protection == "ckks" and server_key is None:
-        raise ConfigError("a ckks federation needs --server-key (the public server.key)")
+    protection = cli_protection(protection)
+    if get_scheme(protection).key_files and server_key is None:
+        raise ConfigError("an he federation needs --server-key (the public server.key)")
     if not initial_model.is_file():
         raise ConfigError(f"initial model not found: {initial_model}")
     try:
@@ -505,19 +513,21 @@ def protect(
     num_examples: Annotated[
         int, typer.Option("--num-examples", help="Local training examples (FedAvg weight).")
     ],
-    protection: Annotated[str, typer.Option(help="ckks or plain.")] = "ckks",
+    protection: Annotated[
+        str, typer.Option(help="he or plain; ckks is a deprecated alias of he.")
+    ] = "he",
     key: Annotated[
-        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+        Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
     ] = None,
 ) -> None:
-    """Protect a state_dict for upload (ckks: encrypt with the hospital key)."""
+    """Protect a state_dict for upload (he: encrypt with the hospital key)."""
     import torch
 
-    from fedcrypt.protection.packing import flatten
+    from fedcrypt.protection.flatten import flatten
     from fedcrypt.protection.registry import hospital_protection
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    prot = hospital_protection(protection, key_file=key)
+    prot = hospital_protection(cli_protection(protection), key_file=key)
     out.write_bytes(prot.protect(flatten(state), num_examples=num_examples))
     console.print(f"wrote {out} ({out.stat().st_size} bytes, {protection})")
 
@@ -531,19 +541,21 @@ def decrypt(
         Path, typer.Option("--like", help="A state_dict of the same model (the layout).")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="state_dict file to write.")],
-    protection: Annotated[str, typer.Option(help="ckks or plain.")] = "ckks",
+    protection: Annotated[
+        str, typer.Option(help="he or plain; ckks is a deprecated alias of he.")
+    ] = "he",
     key: Annotated[
-        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+        Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
     ] = None,
 ) -> None:
     """Decrypt an aggregate into the global model's state_dict (FedAvg mean)."""
     import torch
 
-    from fedcrypt.protection.packing import Layout, unflatten
+    from fedcrypt.protection.flatten import Layout, unflatten
     from fedcrypt.protection.registry import hospital_protection
 
     layout = Layout.of(torch.load(like, map_location="cpu", weights_only=True))
-    prot = hospital_protection(protection, key_file=key)
+    prot = hospital_protection(cli_protection(protection), key_file=key)
     result = prot.unprotect(aggregate.read_bytes())
     torch.save(unflatten(result.mean, layout), out)
     console.print(

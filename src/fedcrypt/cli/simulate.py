@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcrypt.cli.options import cli_protection
 from fedcrypt.config import RunConfig
 from fedcrypt.report.records import RoundRecord
 
@@ -86,7 +87,9 @@ def simulate(
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skewed)."),
     seed: int = typer.Option(0, help="Seed for partitioning, initialisation and training."),
     protection: str = typer.Option(
-        "ckks", help="ckks (homomorphic encryption), secagg (masking), or plain (baseline)."
+        "he",
+        help="he (homomorphic encryption), secagg (pairwise masking), or plain (baseline); "
+        "ckks is a deprecated alias of he.",
     ),
     he_preset: str | None = typer.Option(
         None, "--he-preset", help="CKKS parameter preset (see 'fedcrypt keys presets')."
@@ -113,6 +116,7 @@ def simulate(
     decrypting, and hospitals decrypt and evaluate the global model. Writes metrics.json,
     report.md, roc.png and rounds.png to the run directory.
     """
+    protection = cli_protection(protection)
     config = RunConfig.build(
         dataset=dataset,
         data_dir=data_dir,

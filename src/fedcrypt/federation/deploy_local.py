@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcrypt.exceptions import DeploymentError
+from fedcrypt.protection.registry import get_scheme
 
 log = logging.getLogger(__name__)
 
@@ -538,10 +539,10 @@ class _Parties:
         (self.server / "tls").mkdir(exist_ok=True)
         shutil.copyfile(tls.server_cert, self.server / "tls" / "server.crt")
         _write_secret(self.server / "tls" / "server.key", tls.server_key.read_bytes())
-        if protection != "ckks":
+        if not get_scheme(protection).key_files:
             return
-        from fedcrypt.protection.keys import write_key_files
-        from fedcrypt.protection.presets import DEFAULT_PRESET
+        from fedcrypt.protection.he.keys import write_key_files
+        from fedcrypt.protection.he.params import DEFAULT_PRESET
 
         ceremony = self.work_dir / "consortium"
         hospital_key, server_key = write_key_files(ceremony, preset=he_preset or DEFAULT_PRESET)
@@ -622,7 +623,7 @@ def deploy_locally(
     work_dir: Path,
     clients: int = 3,
     rounds: int = 1,
-    protection: str = "ckks",
+    protection: str = "he",
     he_preset: str | None = None,
     run_config: Mapping[str, ConfigValue] | None = None,
     data_dir: Path | None = None,
@@ -640,10 +641,10 @@ def deploy_locally(
         Number of hospitals, i.e. SuperNodes (default: 3).
     rounds : int
         FedAvg rounds (default: 1).
-    protection : {"ckks", "plain"}
-        Protection scheme (default: ``ckks``); ``ckks`` creates fresh keys.
+    protection : {"he", "plain"}
+        Protection mode (default: ``he``); ``he`` creates fresh keys.
     he_preset : str, optional
-        CKKS preset for the fresh keys; None uses the library default.
+        HE preset for the fresh keys; None uses the library default.
     run_config : mapping, optional
         Further run-config overrides (keys of ``deploy/pyproject.toml``, e.g.
         ``{"local-epochs": 2}``).
@@ -665,8 +666,10 @@ def deploy_locally(
     """
     if clients < 1:
         raise ValueError(f"clients must be >= 1, got {clients}")
-    if protection not in ("ckks", "plain"):
-        raise ValueError(f"protection must be 'ckks' or 'plain', got {protection!r}")
+    if get_scheme(protection).staged:
+        raise ValueError(
+            f"protection {protection!r} is not supported on the deployment harness yet"
+        )
     deadline = time.monotonic() + timeout
     parties = _Parties(work_dir.resolve(), clients)
     parties.create(protection=protection, he_preset=he_preset)

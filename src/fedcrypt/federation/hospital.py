@@ -18,14 +18,14 @@ import torch
 from numpy.typing import NDArray
 
 from fedcrypt.config import DEFAULT_LR, DEFAULT_MODEL, RunConfig
-from fedcrypt.data.datasets import Dataset, load_dataset
-from fedcrypt.data.hospital import HospitalData, hospital_data
 from fedcrypt.exceptions import ProtocolError
-from fedcrypt.models import create_model
 from fedcrypt.protection.base import HospitalProtection
-from fedcrypt.protection.packing import Layout, flatten, unflatten
+from fedcrypt.protection.flatten import Layout, flatten, unflatten
 from fedcrypt.protection.plain import PlainHospital
 from fedcrypt.protection.registry import hospital_protection
+from fedcrypt.tasks.data.datasets import Dataset, load_dataset
+from fedcrypt.tasks.data.hospital import HospitalData, hospital_data
+from fedcrypt.tasks.models import create_model
 from fedcrypt.training import evaluate, train
 from fedcrypt.training.metrics import roc_curve_points
 

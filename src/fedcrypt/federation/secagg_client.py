@@ -34,7 +34,7 @@ from fedcrypt.exceptions import ProtocolError
 from fedcrypt.federation.app import HospitalSetup
 from fedcrypt.federation.hospital import Hospital
 from fedcrypt.federation.records import blob_from, blob_record
-from fedcrypt.protection.packing import flatten
+from fedcrypt.protection.flatten import flatten
 from fedcrypt.protection.plain import PlainHospital
 from fedcrypt.protection.secagg import SecAggHospital, SecAggParams
 

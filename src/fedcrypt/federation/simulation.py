@@ -16,7 +16,7 @@ from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import AggregationError, KeyMaterialError
 from fedcrypt.federation.app import HospitalSetup, Outcome, build_client_app, build_server_app
 from fedcrypt.federation.secagg_flow import SecAggOptions
-from fedcrypt.protection.registry import HOSPITAL_KEY_FILE, SERVER_KEY_FILE
+from fedcrypt.protection.registry import HOSPITAL_KEY_FILE, SERVER_KEY_FILE, get_scheme
 from fedcrypt.report.records import RoundRecord, RunRecord
 from fedcrypt.report.writer import write_run
 
@@ -42,7 +42,7 @@ def _key_files(
     config: RunConfig, keys_dir: Path | None
 ) -> Iterator[tuple[Path | None, Path | None]]:
     """Yield (hospital key, server key) paths; fresh keys live in a temporary folder."""
-    if config.protection != "ckks":
+    if not get_scheme(config.protection).key_files:
         yield None, None
         return
     if keys_dir is not None:
@@ -54,8 +54,8 @@ def _key_files(
                 )
         yield hospital, server
         return
-    from fedcrypt.protection.keys import write_key_files
-    from fedcrypt.protection.presets import DEFAULT_PRESET
+    from fedcrypt.protection.he.keys import write_key_files
+    from fedcrypt.protection.he.params import DEFAULT_PRESET
 
     with tempfile.TemporaryDirectory(prefix="fedcrypt-keys-") as tmp:
         hospital, server = write_key_files(Path(tmp), preset=config.he_preset or DEFAULT_PRESET)
@@ -88,15 +88,15 @@ def check_run(
     fedcrypt.exceptions.FedcryptError
         The first problem found (ConfigError, DataError, KeyMaterialError, ...).
     """
-    if config.protection == "secagg":
+    if get_scheme(config.protection).staged:
         from fedcrypt.federation.secagg_flow import SecAggOptions
 
         (secagg or SecAggOptions()).params(config)
     from fedcrypt.federation.hospital import initial_payload
 
     initial_payload(config)
-    if config.protection == "ckks":
-        from fedcrypt.protection.presets import get_preset
+    if get_scheme(config.protection).key_files:
+        from fedcrypt.protection.he.params import get_preset
 
         if config.he_preset is not None:
             get_preset(config.he_preset)
@@ -180,7 +180,7 @@ def run_simulation(
     outcome = Outcome(on_round=on_round)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _key_files(config, keys_dir) as (hospital_key, server_key):
-        if config.protection == "secagg":
+        if get_scheme(config.protection).staged:
             server_app, client_app = _secagg_apps(
                 config, options=secagg or SecAggOptions(), run_dir=run_dir, outcome=outcome
             )

@@ -13,15 +13,15 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from fedcrypt.config import DEFAULT_LR
-from fedcrypt.data.datasets import load_dataset
-from fedcrypt.data.hospital import hospital_data
 from fedcrypt.exceptions import ConfigError, KeyMaterialError
-from fedcrypt.models import create_model, load_weights
 from fedcrypt.portal.client import PortalClient, PortalClientError
 from fedcrypt.portal.schemas import FederationPublic, RoundPublic
 from fedcrypt.protection.base import HospitalProtection
-from fedcrypt.protection.packing import Layout, flatten, unflatten
-from fedcrypt.protection.registry import hospital_protection
+from fedcrypt.protection.flatten import Layout, flatten, unflatten
+from fedcrypt.protection.registry import get_scheme
+from fedcrypt.tasks.data.datasets import load_dataset
+from fedcrypt.tasks.data.hospital import hospital_data
+from fedcrypt.tasks.models import create_model, load_weights
 from fedcrypt.training import evaluate, train
 
 EventHook = Callable[[str], None]
@@ -120,12 +120,14 @@ class RoundOutcome:
 
 
 def _protection(fed: FederationPublic, key_file: Path | None) -> HospitalProtection:
-    if fed.protection == "ckks" and key_file is None:
+    scheme = get_scheme(fed.protection)
+    if scheme.key_files and key_file is None:
         raise KeyMaterialError(
-            "this federation uses ckks: pass --key with your hospital.key (the secret key file)"
+            f"this federation uses {scheme.name}: pass --key with your hospital.key "
+            "(the secret key file)"
         )
-    prot = hospital_protection(fed.protection, key_file=key_file)
-    if fed.protection == "ckks":
+    prot = scheme.hospital_protection(key_file=key_file)
+    if scheme.key_files:
         fingerprint = getattr(prot, "fingerprint", None)
         if fingerprint != fed.key_fingerprint:
             raise KeyMaterialError(

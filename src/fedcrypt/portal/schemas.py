@@ -33,7 +33,17 @@ def _name(value: str) -> str:
 Email = Annotated[str, AfterValidator(_email)]
 DisplayName = Annotated[str, AfterValidator(_name)]
 Password = Annotated[SecretStr, Field(min_length=PASSWORD_MIN, max_length=256)]
-Protection = Literal["plain", "ckks"]
+Protection = Literal["plain", "he"]
+#: Deprecated protection names accepted in requests and stored rows.
+PROTECTION_ALIASES = {"ckks": "he"}
+
+
+def _mode(value: object) -> object:
+    """Map a deprecated protection name (``ckks``) to its mode (``he``)."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        return PROTECTION_ALIASES.get(value, value)
+    return value
 
 
 class Message(BaseModel):
@@ -97,12 +107,17 @@ class FederationCreate(BaseModel):
     name: str = Field(min_length=2, max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
     model: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     dataset_description: str = Field(default="", max_length=4000)
-    protection: Protection = "ckks"
+    protection: Protection = "he"
     he_preset: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     quorum: int = Field(default=2, ge=1, le=10_000)
     round_deadline_minutes: float = Field(default=60.0, gt=0, le=60 * 24 * 30)
     num_rounds: int = Field(default=10, ge=1, le=10_000)
     model_size: int | None = Field(default=None, ge=1)
+
+    @field_validator("protection", mode="before")
+    @classmethod
+    def _protection(cls, v: object) -> object:
+        return _mode(v)
 
     @field_validator("round_deadline_minutes")
     @classmethod
@@ -133,6 +148,12 @@ class FederationPublic(BaseModel):
     model: str
     dataset_description: str
     protection: str
+
+    @field_validator("protection", mode="before")
+    @classmethod
+    def _protection(cls, v: object) -> object:
+        return _mode(v)
+
     he_preset: str | None
     quorum: int
     round_deadline_minutes: float

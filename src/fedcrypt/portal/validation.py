@@ -10,6 +10,8 @@ from typing import Any, BinaryIO
 
 from fedcrypt.exceptions import ProtocolError
 from fedcrypt.protection import wire
+from fedcrypt.protection.base import UploadCheck
+from fedcrypt.protection.registry import get_scheme
 
 FINGERPRINT_KEYS: tuple[str, ...] = ("fingerprint", "context_fingerprint", "key_fingerprint")
 
@@ -133,20 +135,21 @@ def check_against_federation(
     info : UpdateInfo
         From :func:`inspect_file`.
     protection : str
-        The federation's scheme (``"plain"`` or ``"ckks"``).
+        The federation's protection mode (``"plain"`` or ``"he"``).
     model_size : int or None
         The federation's number of model values, if known.
     key_fingerprint : str or None
-        The fingerprint of the federation's public key context (``ckks``).
+        The fingerprint of the federation's public key context (``he``).
 
     Raises
     ------
     fedcrypt.exceptions.ProtocolError
         Naming what does not match.
     """
-    if info.scheme != protection:
+    scheme = get_scheme(protection)
+    if info.scheme != scheme.wire_scheme:
         raise ProtocolError(
-            f"the update is protected with {info.scheme!r} but this federation uses {protection!r}"
+            f"the update is protected with {info.scheme!r} but this federation uses {scheme.name!r}"
         )
     if info.num_updates != 1:
         raise ProtocolError(
@@ -160,18 +163,8 @@ def check_against_federation(
                 f"wrong model size: the update has {info.size} values, this federation's "
                 f"model has {model_size}"
             )
-    if protection == "plain":
-        if info.size is None or len(info.section_lengths) != 1:
-            raise ProtocolError("malformed plain update: expected one payload section")
-        if info.section_lengths[0] != 8 * info.size:
-            raise ProtocolError("malformed plain update: payload does not match its size")
-    elif protection == "ckks":
-        if info.fingerprint is None:
-            raise ProtocolError("the update's header names no key context fingerprint")
-        if key_fingerprint is not None and info.fingerprint != key_fingerprint:
-            raise ProtocolError(
-                "the update was encrypted under another key context (fingerprint "
-                f"{info.fingerprint[:16]}…, this federation uses {key_fingerprint[:16]}…)"
-            )
-        if not info.section_lengths:
-            raise ProtocolError("malformed ckks update: no ciphertext sections")
+    if scheme.check_upload is None:
+        raise ProtocolError(f"protection {scheme.name!r} takes no single-message uploads")
+    scheme.check_upload(
+        info.header, info.section_lengths, UploadCheck(size=model_size, fingerprint=key_fingerprint)
+    )

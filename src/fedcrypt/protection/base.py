@@ -16,14 +16,15 @@ no ciphertext multiplication (multiplicative depth 0).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
 
-SCHEMES: tuple[str, ...] = ("plain", "ckks", "secagg")
+from fedcrypt.exceptions import ConfigError
 
 
 @dataclass(frozen=True)
@@ -121,3 +122,113 @@ def check_update(update: NDArray[np.floating], num_examples: int) -> NDArray[np.
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     return arr.astype(np.float64, copy=False)
+
+
+@dataclass(frozen=True)
+class UploadCheck:
+    """What a federation expects of one hospital's protected update (portal inspection).
+
+    Attributes
+    ----------
+    size : int or None
+        The model's number of values ``P``, if known.
+    fingerprint : str or None
+        The federation's key-context fingerprint (schemes with key files).
+    """
+
+    size: int | None = None
+    fingerprint: str | None = None
+
+
+#: ``hospital(key_file=..., encrypt_layers=..., layout=...)`` of a single-message scheme.
+HospitalFactory = Callable[..., HospitalProtection]
+#: ``server(key_file=..., encrypt_layers=...)`` of a single-message scheme.
+ServerFactory = Callable[..., ServerAggregator]
+#: ``check(header, section_lengths, expected)``: raise ProtocolError if an upload is wrong.
+UploadInspector = Callable[[dict[str, Any], Sequence[int], UploadCheck], None]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Descriptor of one protection mode: everything application code may ask of it.
+
+    Application code (federation, CLI, report, portal, benches) asks these questions
+    instead of comparing protection names.
+
+    Attributes
+    ----------
+    name : str
+        The mode's name (``--protection``): ``plain``, ``he`` or ``secagg``.
+    title : str
+        A few words for people ("homomorphic encryption").
+    wire_scheme : str
+        The scheme tag in its protected messages' headers.
+    server_sees_updates : bool
+        Whether the server can read an individual hospital's update.
+    server_sees_aggregate : bool
+        Whether the server can read the aggregate (the global model) by default.
+    key_files : bool
+        Whether a run needs key files from ``fedcrypt keys generate``.
+    staged : bool
+        True for multi-stage protocols (secagg: four signed exchanges per round); False
+        for single-message schemes (one upload per hospital per round).
+    layer_selection : bool
+        Whether ``--encrypt-layers`` applies (encrypt some tensors, send the rest in
+        clear).
+    threat : str
+        The line the run report prints about what the server saw.
+    hospital : HospitalFactory or None
+        Builds the hospital half (single-message schemes).
+    server : ServerFactory or None
+        Builds the server half, from public material only (single-message schemes).
+    check_upload : UploadInspector or None
+        Checks an upload's header and section sizes before the portal stores it.
+    aliases : tuple of str
+        Deprecated names still accepted for this mode (``ckks`` for ``he``).
+    """
+
+    name: str
+    title: str
+    wire_scheme: str
+    server_sees_updates: bool
+    server_sees_aggregate: bool
+    key_files: bool
+    staged: bool
+    layer_selection: bool
+    threat: str
+    hospital: HospitalFactory | None = None
+    server: ServerFactory | None = None
+    check_upload: UploadInspector | None = None
+    aliases: tuple[str, ...] = ()
+
+    def hospital_protection(
+        self, *, key_file: Path | None = None, encrypt_layers: str = "all", layout: object = None
+    ) -> HospitalProtection:
+        """The hospital half of a single-message scheme.
+
+        Raises
+        ------
+        fedcrypt.exceptions.ConfigError
+            If the scheme is staged (it has no single-message hospital side).
+        fedcrypt.exceptions.KeyMaterialError
+            If a key file is needed and missing or wrong.
+        """
+        if self.hospital is None:
+            raise ConfigError(f"protection {self.name!r} has no single-message hospital side")
+        return self.hospital(key_file=key_file, encrypt_layers=encrypt_layers, layout=layout)
+
+    def server_aggregator(
+        self, *, key_file: Path | None = None, encrypt_layers: str = "all"
+    ) -> ServerAggregator:
+        """The server half of a single-message scheme (public material only).
+
+        Raises
+        ------
+        fedcrypt.exceptions.ConfigError
+            If the scheme is staged.
+        fedcrypt.exceptions.KeyMaterialError
+            If a key file is needed and missing, or is a secret (hospital) key file.
+        """
+        if self.server is None:
+            raise ConfigError(f"protection {self.name!r} has no single-message server side")
+        return self.server(key_file=key_file, encrypt_layers=encrypt_layers)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedcrypt.exceptions import AggregationError, ProtocolError
 from fedcrypt.protection import wire
-from fedcrypt.protection.base import AggregateResult, check_update
+from fedcrypt.protection.base import AggregateResult, UploadCheck, check_update
 
 SCHEME = "plain"
 
@@ -77,3 +79,32 @@ class PlainAggregator:
             k_total += k
         assert total is not None
         return _write(total, n_total, k_total)
+
+
+def hospital(
+    *, key_file: Path | None = None, encrypt_layers: str = "all", layout: object = None
+) -> PlainHospital:
+    """The hospital half of ``plain`` (key files and layer selection do not apply)."""
+    return PlainHospital()
+
+
+def server(*, key_file: Path | None = None, encrypt_layers: str = "all") -> PlainAggregator:
+    """The server half of ``plain``."""
+    return PlainAggregator()
+
+
+def check_upload(
+    header: dict[str, Any], section_lengths: Sequence[int], expected: UploadCheck
+) -> None:
+    """Check a ``plain`` upload's framing: one float64 section of ``size`` values.
+
+    Raises
+    ------
+    fedcrypt.exceptions.ProtocolError
+        If the payload does not match the size its header states.
+    """
+    size = header.get("size")
+    if not isinstance(size, int) or len(section_lengths) != 1:
+        raise ProtocolError("malformed plain update: expected one payload section")
+    if section_lengths[0] != 8 * size:
+        raise ProtocolError("malformed plain update: payload does not match its size")

@@ -25,7 +25,7 @@ from fedcrypt.protection.base import (
     ServerAggregator,
     check_update,
 )
-from fedcrypt.protection.packing import Layout
+from fedcrypt.protection.flatten import Layout
 
 _LAST = re.compile(r"^last(?::(\d+))?$")
 _PARAM_LEAVES = ("weight", "bias")
@@ -155,7 +155,7 @@ class SelectiveHospital:
     Parameters
     ----------
     inner : HospitalProtection
-        The encrypting scheme (e.g. :class:`~fedcrypt.protection.ckks.CKKSHospital`).
+        The encrypting scheme (e.g. :class:`~fedcrypt.protection.he.ckks.CKKSHospital`).
     mask : numpy.ndarray
         bool, shape ``(P,)``, from :func:`select_layers`; at least one ``True``.
 
@@ -170,6 +170,7 @@ class SelectiveHospital:
         if m.ndim != 1 or not m.any():
             raise ConfigError("the encryption mask must be 1-D and select at least one value")
         self.scheme = inner.scheme
+        self.wire_scheme: str = getattr(inner, "wire_scheme", inner.scheme)
         self._inner = inner
         self._mask = m
         self._digest = mask_digest(m)
@@ -207,7 +208,7 @@ class SelectiveHospital:
         inner = self._inner.protect(vec[self._mask], num_examples=num_examples)
         plain = vec[~self._mask] * float(num_examples)
         return _write(
-            scheme=self.scheme,
+            scheme=self.wire_scheme,
             mask=self._digest,
             size=vec.size,
             encrypted=int(self._mask.sum()),
@@ -227,7 +228,7 @@ class SelectiveHospital:
         DecryptionError
             If the encrypted part does not decrypt.
         """
-        h, inner_blob, plain = _parse(aggregate, self.scheme)
+        h, inner_blob, plain = _parse(aggregate, self.wire_scheme)
         if h["mask"] != self._digest or h["size"] != self._mask.size:
             raise ProtocolError("aggregate used another layer selection than this hospital")
         inner = self._inner.unprotect(inner_blob)
@@ -253,6 +254,7 @@ class SelectiveAggregator:
 
     def __init__(self, inner: ServerAggregator, mask_size: int | None = None) -> None:
         self.scheme = inner.scheme
+        self.wire_scheme: str = getattr(inner, "wire_scheme", inner.scheme)
         self._inner = inner
         self._size = mask_size
 
@@ -268,7 +270,7 @@ class SelectiveAggregator:
         """
         if not updates:
             raise AggregationError("no updates to aggregate")
-        parsed = [_parse(blob, self.scheme) for blob in updates]
+        parsed = [_parse(blob, self.wire_scheme) for blob in updates]
         h0 = parsed[0][0]
         for h, _, _ in parsed:
             if h["mask"] != h0["mask"] or h["size"] != h0["size"]:
@@ -278,7 +280,7 @@ class SelectiveAggregator:
         inner = self._inner.aggregate([p[1] for p in parsed])
         plain = np.sum([p[2] for p in parsed], axis=0)
         return _write(
-            scheme=self.scheme,
+            scheme=self.wire_scheme,
             mask=str(h0["mask"]),
             size=int(h0["size"]),
             encrypted=int(h0["encrypted"]),

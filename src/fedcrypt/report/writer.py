@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedcrypt.config import RunConfig
+from fedcrypt.exceptions import ConfigError
+from fedcrypt.protection.registry import get_scheme
 from fedcrypt.report.plots import plot_roc, plot_rounds
 from fedcrypt.report.records import RunRecord
 
 if TYPE_CHECKING:
     from fedcrypt.federation.app import Outcome
 
-THREAT = {
-    "plain": (
-        "the server saw every hospital's update and the global model (baseline, no protection)."
-    ),
-    "ckks": (
-        "the server held only the public CKKS context and added ciphertexts: it never saw an "
-        "individual update nor the global model. Hospitals share the secret key."
-    ),
-    "secagg": (
-        "the server saw only pairwise-masked updates; it learnt the sum only (or nothing, with "
-        "the consortium group mask)."
-    ),
-}
+
+def _threat(protection: object) -> str:
+    """The report's line on what the server saw, from the protection mode's descriptor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return get_scheme(str(protection)).threat
+        except ConfigError:
+            return ""
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -46,7 +45,7 @@ def markdown(record: RunRecord, *, roc_png: str | None, rounds_png: str) -> str:
         f"- model parameters: {record.info.get('parameters', '?'):,}"
         if isinstance(record.info.get("parameters"), int)
         else "- model parameters: ?",
-        f"- protection: {THREAT.get(str(cfg.get('protection')), '')}",
+        f"- protection: {_threat(cfg.get('protection'))}",
         f"- final test accuracy **{_fmt(final.get('accuracy', math.nan))}**, "
         f"ROC AUC **{_fmt(final.get('auc', math.nan))}**",
         f"- wall time {record.seconds:.1f} s",

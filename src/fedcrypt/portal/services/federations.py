@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
@@ -24,8 +25,15 @@ from fedcrypt.portal.models import (
 from fedcrypt.portal.schemas import FederationCreate, FederationPublic, FederationUpdate
 from fedcrypt.portal.services.audit import record
 from fedcrypt.portal.storage import PendingBlob
-from fedcrypt.protection.base import ServerAggregator
-from fedcrypt.protection.plain import PlainAggregator
+from fedcrypt.protection.base import Scheme, ServerAggregator
+from fedcrypt.protection.registry import get_scheme
+
+
+def scheme_of(fed: Federation) -> Scheme:
+    """The protection mode of ``fed`` (rows written before the rename say ``ckks``: ``he``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_scheme(fed.protection)
 
 
 def get_federation(db: Session, federation_id: int) -> Federation:
@@ -193,10 +201,10 @@ def load_aggregator(portal: Portal, fed: Federation) -> ServerAggregator:
     fedcrypt.portal.errors.InvalidContentError
         If the stored key cannot be loaded.
     """
-    if fed.protection == "plain":
-        return PlainAggregator()
+    if not scheme_of(fed).key_files:
+        return scheme_of(fed).server_aggregator()
     if fed.server_key_sha256 is None:
-        raise ConflictError("this ckks federation has no public key context (server.key) yet")
+        raise ConflictError("this he federation has no public key context (server.key) yet")
     cached = portal.aggregators.get(fed.server_key_sha256)
     if cached is not None:
         return cached
@@ -213,10 +221,10 @@ def aggregator_from_key(data: bytes) -> ServerAggregator:
     fedcrypt.portal.errors.InvalidContentError
         If ckks is unavailable, or the bytes are not a public server key (a hospital key
         holding the secret key is refused by
-        :func:`fedcrypt.protection.keys.server_from_bytes`).
+        :func:`fedcrypt.protection.he.keys.server_from_bytes`).
     """
     try:
-        from fedcrypt.protection.keys import server_from_bytes
+        from fedcrypt.protection.he.keys import server_from_bytes
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InvalidContentError(f"ckks is not available on this server: {exc}") from exc
     try:
@@ -233,7 +241,7 @@ def set_server_key(
 ) -> Federation:
     """Store a ``ckks`` federation's public key context (``server.key``).
 
-    The bytes are checked with :func:`fedcrypt.protection.keys.server_from_bytes`, which
+    The bytes are checked with :func:`fedcrypt.protection.he.keys.server_from_bytes`, which
     refuses a file that holds a secret key: the portal never stores a hospital key.
 
     Raises
@@ -243,8 +251,8 @@ def set_server_key(
     fedcrypt.portal.errors.InvalidContentError
         If the file is not a public server key (or is a secret hospital key).
     """
-    if fed.protection != "ckks":
-        raise ConflictError("only a ckks federation takes a server key")
+    if not scheme_of(fed).key_files:
+        raise ConflictError(f"a {scheme_of(fed).name} federation takes no server key")
     if fed.status != FED_DRAFT:
         raise ConflictError("the key context cannot change once the federation is running")
     agg = aggregator_from_key(data)
@@ -316,7 +324,7 @@ def publish_initial_model(
     if fed.status != FED_DRAFT:
         pending.discard()
         raise ConflictError("the initial model is already published")
-    if fed.protection == "ckks" and fed.server_key_sha256 is None:
+    if scheme_of(fed).key_files and fed.server_key_sha256 is None:
         pending.discard()
         raise ConflictError("upload the federation's public server.key before the initial model")
     if pending.size == 0:

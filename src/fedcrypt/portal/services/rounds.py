@@ -247,7 +247,7 @@ def _accept(
         try:
             check_against_federation(
                 info,
-                protection=fed.protection,
+                protection=feds.scheme_of(fed).name,
                 model_size=fed.model_size,
                 key_fingerprint=fed.key_fingerprint,
             )
@@ -255,7 +255,7 @@ def _accept(
             raise InvalidContentError(str(exc)) from exc
         aggregator = (
             feds.load_aggregator(portal, fed)
-            if fed.protection == "ckks" and portal.settings.validate_ciphertexts
+            if feds.scheme_of(fed).key_files and portal.settings.validate_ciphertexts
             else None
         )
     if aggregator is not None:

@@ -19,7 +19,8 @@ from fedcrypt.portal.services import rounds as svc
 from fedcrypt.portal.storage import PendingBlob
 from fedcrypt.portal.streaming import receive_form_file
 from fedcrypt.portal.web.common import check_csrf, redirect, render
-from fedcrypt.protection.presets import PRESETS
+from fedcrypt.protection.he.params import PRESETS
+from fedcrypt.protection.registry import get_scheme
 
 router = APIRouter()
 
@@ -54,7 +55,7 @@ def _new_form_context(form: dict[str, Any], errors: list[str]) -> dict[str, Any]
 def federation_new(request: Request, admin: WebAdmin) -> Response:
     """The admin's form for creating a federation."""
     defaults = {
-        "protection": "ckks",
+        "protection": "he",
         "quorum": "3",
         "round_deadline_minutes": "60",
         "num_rounds": "2",
@@ -72,7 +73,7 @@ async def federation_create(
     name: FormStr = "",
     model: FormStr = "",
     dataset_description: FormStr = "",
-    protection: FormStr = "ckks",
+    protection: FormStr = "he",
     he_preset: FormStr = "",
     quorum: FormStr = "",
     round_deadline_minutes: FormStr = "",
@@ -112,8 +113,8 @@ async def federation_create(
         errors.append(
             "choose the initial model file (a state_dict from `fedcrypt portal init-model`)"
         )
-    if data is not None and data.protection == "ckks" and not has_key:
-        errors.append("a ckks federation needs its public server.key (from `fedcrypt keys`)")
+    if data is not None and get_scheme(data.protection).key_files and not has_key:
+        errors.append("an he federation needs its public server.key (from `fedcrypt keys`)")
     if errors or data is None:
         return render(
             request,
@@ -124,7 +125,7 @@ async def federation_create(
         )
     limit = portal.settings.max_upload_bytes
     key_bytes: bytes | None = None
-    if data.protection == "ckks" and server_key is not None:
+    if get_scheme(data.protection).key_files and server_key is not None:
         key_bytes = await server_key.read(limit + 1)
         if len(key_bytes) > limit:
             errors.append("the server key exceeds the upload limit")

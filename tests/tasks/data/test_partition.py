@@ -1,13 +1,13 @@
-"""Tests of fedcrypt.data.partition: IID and Dirichlet splits of example indices."""
+"""Tests of fedcrypt.tasks.data.partition: IID and Dirichlet splits of example indices."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedcrypt.data import partition
-from fedcrypt.data.partition import partition_indices
 from fedcrypt.exceptions import ConfigError
+from fedcrypt.tasks.data import partition
+from fedcrypt.tasks.data.partition import partition_indices
 
 LABELS = np.repeat(np.arange(3), [200, 100, 50]).astype(np.int64)  # 350 examples, 3 classes
 

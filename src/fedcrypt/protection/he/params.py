@@ -1,4 +1,5 @@
-"""Named CKKS parameter sets, each checked against the 128-bit security table."""
+"""Named HE parameter sets (float CKKS and quantized, packed BFV), each checked against
+the HomomorphicEncryption.org 128-bit security table."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedcrypt.exceptions import ConfigError, InsecureParametersError
-from fedcrypt.protection.quantize import FieldPacking
+from fedcrypt.protection.he.quantize import FieldPacking
 
 #: Largest total coefficient-modulus size (bits) for 128-bit classical security with a
 #: ternary secret, per ring dimension ``N``. Source: HomomorphicEncryption.org security
@@ -27,6 +28,12 @@ HE_STANDARD_128: dict[int, int] = {
 MAX_PRIME_BITS = 60
 #: SEAL needs primes of at least 2 bits; NTT-friendly primes need more (``q = 1 mod 2N``).
 MIN_PRIME_BITS = 17
+
+#: The protection mode these parameter sets serve (``--protection he``).
+MODE = "he"
+#: The scheme tag written in protected messages and key files. It predates the mode's
+#: rename from ``ckks`` to ``he`` and stays so that existing key files keep loading.
+WIRE_SCHEME = "ckks"
 
 #: Hospitals per round a preset accepts by default (sets the carry headroom, bits).
 DEFAULT_MAX_HOSPITALS = 64
@@ -83,11 +90,11 @@ def check_security(poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int])
 
 
 @dataclass(frozen=True)
-class CKKSPreset:
+class HEPreset:
     """A named homomorphic-encryption parameter set for depth-0 (add-only) aggregation.
 
-    The class keeps its historical name: besides CKKS (``encoding="ckks-float"``) it
-    describes the quantized BFV presets (``encoding="bfv-packed"``).
+    It describes both float CKKS (``encoding="ckks-float"``) and quantized, packed BFV
+    (``encoding="bfv-packed"``) parameter sets.
 
     Attributes
     ----------
@@ -108,7 +115,7 @@ class CKKSPreset:
         default 64).
     encoding : str
         ``"ckks-float"`` (TenSEAL CKKS vectors) or ``"bfv-packed"`` (quantized values
-        packed several per BFV slot; :mod:`fedcrypt.protection.packed`).
+        packed several per BFV slot; :mod:`fedcrypt.protection.he.bfv`).
     plain_modulus_bits : int
         BFV: bits of the batching-friendly prime plaintext modulus ``t``.
     fields_per_slot : int
@@ -264,7 +271,7 @@ class CKKSPreset:
         }
 
     @classmethod
-    def from_dict(cls, data: object) -> CKKSPreset:
+    def from_dict(cls, data: object) -> HEPreset:
         """Inverse of :meth:`to_dict`.
 
         Raises
@@ -313,10 +320,10 @@ class CKKSPreset:
             raise ConfigError(f"preset description lacks field {exc.args[0]!r}") from exc
 
 
-PRESETS: dict[str, CKKSPreset] = {
+PRESETS: dict[str, HEPreset] = {
     p.name: p
     for p in (
-        CKKSPreset(
+        HEPreset(
             name="packed",
             poly_modulus_degree=4096,
             coeff_mod_bit_sizes=(60, 49),
@@ -329,7 +336,7 @@ PRESETS: dict[str, CKKSPreset] = {
                 "per slot, steps calibrated on the global model"
             ),
         ),
-        CKKSPreset(
+        HEPreset(
             name="compact",
             poly_modulus_degree=4096,
             coeff_mod_bit_sizes=(60, 49),
@@ -341,21 +348,21 @@ PRESETS: dict[str, CKKSPreset] = {
                 "as 'packed' with 3 x 14-bit values per slot: a third smaller, about 8 bits coarser"
             ),
         ),
-        CKKSPreset(
+        HEPreset(
             name="fast",
             poly_modulus_degree=4096,
             coeff_mod_bit_sizes=(60, 49),
             scale_bits=26,
             description="float CKKS (TenSEAL), N=4096, one 60-bit data prime, scale 2^26",
         ),
-        CKKSPreset(
+        HEPreset(
             name="paper-heavy",
             poly_modulus_degree=32768,
             coeff_mod_bit_sizes=(60, *([40] * 8), 60),
             scale_bits=40,
             description="Lessage et al.'s heavy key: N=32768, [60]+[40]*8+[60], scale 2^40",
         ),
-        CKKSPreset(
+        HEPreset(
             name="paper-light",
             poly_modulus_degree=8192,
             coeff_mod_bit_sizes=(40, 21, 21, 21, 21, 21, 21, 40),
@@ -365,7 +372,7 @@ PRESETS: dict[str, CKKSPreset] = {
                 "[40,21*6,40]), scale 2^21"
             ),
         ),
-        CKKSPreset(
+        HEPreset(
             name="nvflare",
             poly_modulus_degree=8192,
             coeff_mod_bit_sizes=(60, 40, 40),
@@ -382,7 +389,7 @@ DEFAULT_PRESET = "packed"
 _CUSTOM = re.compile(r"^custom:(\d+):(\d+(?:,\d+)*):(\d+)$")
 
 
-def get_preset(name: str) -> CKKSPreset:
+def get_preset(name: str) -> HEPreset:
     """Look up a preset by name, or build a custom one.
 
     Parameters
@@ -406,7 +413,7 @@ def get_preset(name: str) -> CKKSPreset:
             f"unknown HE preset {name!r}; valid presets: {', '.join(sorted(PRESETS))} "
             "(or custom:N:b1,b2,...:scale_bits)"
         )
-    return CKKSPreset(
+    return HEPreset(
         name=name.strip(),
         poly_modulus_degree=int(m.group(1)),
         coeff_mod_bit_sizes=tuple(int(b) for b in m.group(2).split(",")),

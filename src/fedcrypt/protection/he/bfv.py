@@ -4,9 +4,9 @@ Round protocol (see ``docs/he-packing.md``):
 
 * **Calibration round** (a hospital has not yet decrypted a global model): one wide
   field per slot, fixed-point step ``2**-scale_bits``; ``num_examples * |x|`` must stay
-  below :attr:`~fedcrypt.protection.presets.CKKSPreset.max_weighted_abs`.
+  below :attr:`~fedcrypt.protection.he.params.HEPreset.max_weighted_abs`.
 * **Calibrated rounds**: the steps come from the global model every hospital decrypted
-  at the start of the round (:func:`~fedcrypt.protection.quantize.calibrated_steps`),
+  at the start of the round (:func:`~fedcrypt.protection.he.quantize.calibrated_steps`),
   so all hospitals quantize on the same grid and ``F`` fields share a slot.
 
 The step table travels with every update and aggregate, encrypted deterministically
@@ -35,12 +35,13 @@ from fedcrypt.exceptions import (
     AggregationError,
     ConfigError,
     DecryptionError,
+    KeyMaterialError,
     ProtocolError,
 )
 from fedcrypt.protection import wire
-from fedcrypt.protection.bfv import BFVContext
-from fedcrypt.protection.presets import ENCODING_BFV, CKKSPreset
-from fedcrypt.protection.quantize import (
+from fedcrypt.protection.base import AggregateResult, check_update
+from fedcrypt.protection.he.params import ENCODING_BFV, MODE, WIRE_SCHEME, HEPreset
+from fedcrypt.protection.he.quantize import (
     FieldPacking,
     StepTable,
     calibrate,
@@ -49,10 +50,11 @@ from fedcrypt.protection.quantize import (
     quantize,
     uniform_steps,
 )
+from fedcrypt.protection.he.seal import BFVContext
 
 logger = logging.getLogger(__name__)
 
-SCHEME = "ckks"
+SCHEME = WIRE_SCHEME
 MODE_CALIBRATION = "calibration"
 MODE_CALIBRATED = "calibrated"
 
@@ -68,7 +70,7 @@ def table_key(secret_key: bytes, fingerprint: str) -> AESSIV:
     return AESSIV(okm)
 
 
-def packing_for(preset: CKKSPreset, mode: str) -> FieldPacking:
+def packing_for(preset: HEPreset, mode: str) -> FieldPacking:
     """The field layout of ``mode``."""
     return preset.packing() if mode == MODE_CALIBRATED else preset.calibration_packing()
 
@@ -88,7 +90,7 @@ class PackedMessage:
     chunks: Sequence[bytes | memoryview]
 
 
-def parse(blob: bytes, preset: CKKSPreset) -> PackedMessage:
+def parse(blob: bytes, preset: HEPreset) -> PackedMessage:
     """Parse and check a packed message against ``preset``.
 
     Raises
@@ -130,7 +132,7 @@ def parse(blob: bytes, preset: CKKSPreset) -> PackedMessage:
 
 def write(
     *,
-    preset: CKKSPreset,
+    preset: HEPreset,
     fingerprint: str,
     mode: str,
     size: int,
@@ -187,20 +189,60 @@ class EncodedUpdate:
     slots: NDArray[np.int64]
 
 
-class PackedHospitalCodec:
-    """Hospital-side packed encoding: quantize, pack, encrypt; decrypt, unpack.
+class BFVHospital:
+    """Hospital side of the quantized, packed BFV presets: quantize, pack, encrypt; decrypt.
 
     Holds the reference (last decrypted global model and its example count) from which
     the next round's steps are calibrated.
+
+    Parameters
+    ----------
+    ctx : BFVContext
+        The private BFV context (with the secret key) from
+        :mod:`fedcrypt.protection.he.keys`.
+    preset : HEPreset
+        The parameters the context was made with (``encoding="bfv-packed"``).
+    fingerprint : str
+        The key context's fingerprint (hex), stored in both key files.
+
+    Raises
+    ------
+    KeyMaterialError
+        If ``ctx`` holds no secret key or ``preset`` is not a packed BFV preset.
     """
 
-    def __init__(self, ctx: BFVContext, *, preset: CKKSPreset, fingerprint: str) -> None:
+    scheme = MODE
+    wire_scheme = WIRE_SCHEME
+
+    def __init__(self, ctx: BFVContext, *, preset: HEPreset, fingerprint: str) -> None:
+        if not preset.is_packed or not isinstance(ctx, BFVContext):
+            raise KeyMaterialError(f"preset {preset.name!r} needs a BFV key context")
+        if not ctx.is_private():
+            raise KeyMaterialError(
+                "a hospital needs the secret key: this key context is public "
+                "(use the hospital key file, not the server key file)"
+            )
         self._ctx = ctx
         self._preset = preset
         self._fingerprint = fingerprint
         self._siv = table_key(ctx.secret_key_bytes(), fingerprint)
         self._reference: tuple[NDArray[np.float64], int] | None = None
         self.last_clipped = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """The key context's fingerprint (hex sha256)."""
+        return self._fingerprint
+
+    @property
+    def preset(self) -> HEPreset:
+        """The encryption parameters."""
+        return self._preset
+
+    @property
+    def context(self) -> BFVContext:
+        """The private BFV context (benchmarks time its encryption apart)."""
+        return self._ctx
 
     def set_reference(self, mean: NDArray[np.floating] | None, *, total_examples: int) -> None:
         """Calibrate the next updates' steps on ``mean`` (the current global model).
@@ -224,17 +266,33 @@ class PackedHospitalCodec:
     def _aad(self, size: int) -> list[bytes]:
         return [b"fedcrypt/step-table", self._fingerprint.encode(), str(size).encode()]
 
-    def protect(self, weighted: NDArray[np.float64], *, num_examples: int) -> bytes:
-        """Quantize, pack and encrypt ``weighted = num_examples * update``.
+    def protect(self, update: NDArray[np.floating], *, num_examples: int) -> bytes:
+        """Quantize, pack and encrypt ``num_examples * update``.
+
+        Parameters
+        ----------
+        update : numpy.ndarray
+            Flat update, shape ``(P,)``, floating dtype.
+        num_examples : int
+            Local training examples ``n_i`` (FedAvg weight), at least 1.
+
+        Returns
+        -------
+        bytes
+            A ``wire`` envelope: header (scheme, encoding, mode, fingerprint, size,
+            counts, the encrypted step table) and the serialized BFV ciphertexts.
 
         Raises
         ------
+        ValueError
+            If ``update`` is not 1-D and finite, or ``num_examples`` < 1.
         ConfigError
             In the calibration round, if ``max |weighted|`` exceeds the preset's range;
             in calibrated rounds, if ``num_examples`` exceeds the round's capacity.
         ValueError
             If the update's size differs from the calibrated reference's.
         """
+        weighted = check_update(update, num_examples) * float(num_examples)
         enc = self.encode(weighted, num_examples=num_examples)
         chunks = [self._ctx.encrypt(row) for row in enc.slots]
         return write(
@@ -306,8 +364,8 @@ class PackedHospitalCodec:
             )
         return EncodedUpdate(mode, table, max_examples, packing.pack(q.ints, preset.slots))
 
-    def unprotect(self, blob: bytes) -> tuple[NDArray[np.float64], int, int]:
-        """Decrypt an aggregate: ``(mean (P,) float64, total_examples, num_updates)``.
+    def unprotect(self, blob: bytes) -> AggregateResult:
+        """Decrypt an aggregate and divide by the total example count.
 
         Also makes the result the reference for the next round's steps.
 
@@ -349,65 +407,116 @@ class PackedHospitalCodec:
             ) from exc
         mean = dequantize(ints, steps) / msg.num_examples
         self.set_reference(mean, total_examples=msg.num_examples)
-        return mean, msg.num_examples, msg.num_updates
+        return AggregateResult(
+            mean=mean, total_examples=msg.num_examples, num_updates=msg.num_updates
+        )
 
 
-def aggregate_packed(
-    ctx: BFVContext, updates: Sequence[bytes], *, preset: CKKSPreset, fingerprint: str
-) -> bytes:
-    """Server side: add packed updates ciphertext by ciphertext, chunk by chunk.
+class BFVAggregator:
+    """Server side of the packed BFV presets: adds ciphertexts; holds no secret key.
+
+    Parameters
+    ----------
+    ctx : BFVContext
+        The public BFV context (parameters only; server key file).
+    preset : HEPreset
+        The parameters the context was made with.
+    fingerprint : str
+        The key context's fingerprint (hex).
 
     Raises
     ------
-    AggregationError
-        If ``updates`` is empty, exceeds ``max_hospitals``, comes from another key
-        context, or the updates differ in size, mode or step table.
-    ProtocolError
-        If an update is malformed or a ciphertext does not deserialize.
+    KeyMaterialError
+        If ``ctx`` holds a secret key (the server must never hold one) or ``preset`` is
+        not a packed BFV preset.
     """
-    if not updates:
-        raise AggregationError("no updates to aggregate")
-    msgs = [parse(blob, preset) for blob in updates]
-    first = msgs[0]
-    for i, m in enumerate(msgs):
-        if m.fingerprint != fingerprint:
-            raise AggregationError(
-                f"update {i} was encrypted under another key context (fingerprint "
-                f"{m.fingerprint[:16]}…, server key {fingerprint[:16]}…)"
+
+    scheme = MODE
+    wire_scheme = WIRE_SCHEME
+
+    def __init__(self, ctx: BFVContext, *, preset: HEPreset, fingerprint: str) -> None:
+        if not preset.is_packed or not isinstance(ctx, BFVContext):
+            raise KeyMaterialError(f"preset {preset.name!r} needs a BFV key context")
+        if ctx.is_private():
+            raise KeyMaterialError(
+                "refusing a key context that holds a secret key: the aggregation server "
+                "must only hold the public (server) key file"
             )
-        if m.size != first.size:
-            raise AggregationError(f"update sizes differ: {m.size} values vs {first.size} values")
-        if m.mode != first.mode or m.table != first.table or m.max_examples != first.max_examples:
+        self._ctx = ctx
+        self._preset = preset
+        self._fingerprint = fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        """The key context's fingerprint (hex sha256)."""
+        return self._fingerprint
+
+    @property
+    def preset(self) -> HEPreset:
+        """The encryption parameters."""
+        return self._preset
+
+    def aggregate(self, updates: Sequence[bytes]) -> bytes:
+        """Add packed updates ciphertext by ciphertext, chunk by chunk (depth 0).
+
+        Raises
+        ------
+        AggregationError
+            If ``updates`` is empty, exceeds ``max_hospitals``, comes from another key
+            context, or the updates differ in size, mode or step table.
+        ProtocolError
+            If an update is malformed or a ciphertext does not deserialize.
+        """
+        ctx, preset, fingerprint = self._ctx, self._preset, self._fingerprint
+        if not updates:
+            raise AggregationError("no updates to aggregate")
+        msgs = [parse(blob, preset) for blob in updates]
+        first = msgs[0]
+        for i, m in enumerate(msgs):
+            if m.fingerprint != fingerprint:
+                raise AggregationError(
+                    f"update {i} was encrypted under another key context (fingerprint "
+                    f"{m.fingerprint[:16]}…, server key {fingerprint[:16]}…)"
+                )
+            if m.size != first.size:
+                raise AggregationError(
+                    f"update sizes differ: {m.size} values vs {first.size} values"
+                )
+            if (
+                m.mode != first.mode
+                or m.table != first.table
+                or m.max_examples != first.max_examples
+            ):
+                raise AggregationError(
+                    "updates were quantized on different grids (hospitals calibrated on "
+                    "different global models, or some skipped the calibration round)"
+                )
+        k_total = sum(m.num_updates for m in msgs)
+        n_total = sum(m.num_examples for m in msgs)
+        if first.mode == MODE_CALIBRATED and n_total > first.max_examples:
             raise AggregationError(
-                "updates were quantized on different grids (hospitals calibrated on "
-                "different global models, or some skipped the calibration round)"
+                f"the round's {n_total} examples exceed the {first.max_examples} its "
+                "quantization grid was calibrated for (more hospitals or data than last round)"
             )
-    k_total = sum(m.num_updates for m in msgs)
-    n_total = sum(m.num_examples for m in msgs)
-    if first.mode == MODE_CALIBRATED and n_total > first.max_examples:
-        raise AggregationError(
-            f"the round's {n_total} examples exceed the {first.max_examples} its "
-            "quantization grid was calibrated for (more hospitals or data than last round)"
+        if k_total > preset.max_hospitals:
+            raise AggregationError(
+                f"{k_total} updates exceed the {preset.name!r} preset's limit of "
+                f"{preset.max_hospitals} hospitals per aggregate (carry headroom)"
+            )
+        out: list[bytes] = []
+        for j in range(len(first.chunks)):
+            acc = ctx.load(first.chunks[j])
+            for m in msgs[1:]:
+                ctx.add_inplace(acc, ctx.load(m.chunks[j]))
+            out.append(ctx.dump(acc))
+        return write(
+            preset=preset,
+            fingerprint=fingerprint,
+            mode=first.mode,
+            size=first.size,
+            num_examples=n_total,
+            num_updates=k_total,
+            table=first.table,
+            max_examples=first.max_examples,
+            chunks=out,
         )
-    if k_total > preset.max_hospitals:
-        raise AggregationError(
-            f"{k_total} updates exceed the {preset.name!r} preset's limit of "
-            f"{preset.max_hospitals} hospitals per aggregate (carry headroom)"
-        )
-    out: list[bytes] = []
-    for j in range(len(first.chunks)):
-        acc = ctx.load(first.chunks[j])
-        for m in msgs[1:]:
-            ctx.add_inplace(acc, ctx.load(m.chunks[j]))
-        out.append(ctx.dump(acc))
-    return write(
-        preset=preset,
-        fingerprint=fingerprint,
-        mode=first.mode,
-        size=first.size,
-        num_examples=n_total,
-        num_updates=k_total,
-        table=first.table,
-        max_examples=first.max_examples,
-        chunks=out,
-    )

@@ -1,10 +1,10 @@
-"""Tests of fedcrypt.models.mlp."""
+"""Tests of fedcrypt.tasks.models.mlp."""
 
 from __future__ import annotations
 
 import torch
 
-from fedcrypt.models.mlp import MLP, mlp
+from fedcrypt.tasks.models.mlp import MLP, mlp
 
 
 def test_tabular_forward_shape_and_size() -> None:

@@ -1,4 +1,4 @@
-"""Tests of fedcrypt.data.hospital: per-hospital loaders in a simulated federation."""
+"""Tests of fedcrypt.tasks.data.hospital: per-hospital loaders in a simulated federation."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedcrypt.data.datasets import Dataset, Split
-from fedcrypt.data.hospital import hospital_data
 from fedcrypt.exceptions import ConfigError
+from fedcrypt.tasks.data.datasets import Dataset, Split
+from fedcrypt.tasks.data.hospital import hospital_data
 
 
 def make_dataset(n_train: int = 300, n_test: int = 40) -> Dataset:

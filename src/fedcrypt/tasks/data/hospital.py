@@ -12,9 +12,9 @@ import torch
 from numpy.typing import NDArray
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcrypt.data.datasets import Dataset, Split
-from fedcrypt.data.partition import PARTITIONS, partition_indices
 from fedcrypt.exceptions import ConfigError
+from fedcrypt.tasks.data.datasets import Dataset, Split
+from fedcrypt.tasks.data.partition import PARTITIONS, partition_indices
 
 
 @dataclass
@@ -59,7 +59,7 @@ def hospital_data(
     """Build hospital ``client_id``'s loaders in a simulated federation.
 
     ``dataset.train`` is partitioned among the ``num_clients`` hospitals with
-    :func:`~fedcrypt.data.partition.partition_indices` (the same seed at every hospital
+    :func:`~fedcrypt.tasks.data.partition.partition_indices` (the same seed at every hospital
     gives disjoint shares). Each hospital then holds out ``val_fraction`` of its share,
     stratified by label where possible, as its local validation split. The dataset's
     official ``val`` split is *not* used here: it stays out of the federation, available
@@ -69,7 +69,7 @@ def hospital_data(
     Parameters
     ----------
     dataset : Dataset
-        As returned by :func:`~fedcrypt.data.datasets.load_dataset`.
+        As returned by :func:`~fedcrypt.tasks.data.datasets.load_dataset`.
     client_id : int
         This hospital's index in ``[0, num_clients)``.
     num_clients : int
@@ -95,7 +95,7 @@ def hospital_data(
     ------
     ConfigError
         If an argument is out of range or the partition cannot be made (see
-        :func:`~fedcrypt.data.partition.partition_indices`).
+        :func:`~fedcrypt.tasks.data.partition.partition_indices`).
     """
     if isinstance(num_clients, bool) or not isinstance(num_clients, Integral) or num_clients < 1:
         raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from fedcrypt.exceptions import ConfigError, DataError
-from fedcrypt.models.cnn import cnn
-from fedcrypt.models.mlp import mlp
-from fedcrypt.models.mobilenetv2 import mobilenetv2
+from fedcrypt.tasks.models.cnn import cnn
+from fedcrypt.tasks.models.mlp import mlp
+from fedcrypt.tasks.models.mobilenetv2 import mobilenetv2
 
 MODELS: tuple[str, ...] = ("mlp", "cnn", "mobilenetv2")
 

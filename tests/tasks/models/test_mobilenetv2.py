@@ -1,4 +1,4 @@
-"""Tests of fedcrypt.models.mobilenetv2 against the published architecture."""
+"""Tests of fedcrypt.tasks.models.mobilenetv2 against the published architecture."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedcrypt.models.mobilenetv2 import InvertedResidual, MobileNetV2, make_divisible, mobilenetv2
+from fedcrypt.tasks.models.mobilenetv2 import (
+    InvertedResidual,
+    MobileNetV2,
+    make_divisible,
+    mobilenetv2,
+)
 
 # torchvision.models.mobilenet_v2() has 3,504,872 parameters, of which its classifier
 # Linear(1280, 1000) holds 1,281,000: the feature extractor holds 2,223,872.

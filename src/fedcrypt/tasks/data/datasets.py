@@ -2,7 +2,7 @@
 
 Every loader returns a :class:`Dataset` with three :class:`Split` objects holding float32
 inputs and int64 labels, ready to wrap in torch ``DataLoader`` objects
-(:mod:`fedcrypt.data.hospital`).
+(:mod:`fedcrypt.tasks.data.hospital`).
 
 * ``wdbc`` — the Wisconsin Diagnostic Breast Cancer table (569 samples, 30 features)
   shipped with scikit-learn. It has no official split: it is split 60/20/20

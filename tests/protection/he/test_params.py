@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from fedcrypt.exceptions import ConfigError, InsecureParametersError
-from fedcrypt.protection.presets import (
+from fedcrypt.protection.he.params import (
     DEFAULT_PRESET,
     HE_STANDARD_128,
     PRESETS,
-    CKKSPreset,
+    HEPreset,
     check_security,
     get_preset,
 )
@@ -90,12 +90,12 @@ def test_custom_preset() -> None:
 
 def test_dict_round_trip() -> None:
     for p in PRESETS.values():
-        assert CKKSPreset.from_dict(p.to_dict()) == p
+        assert HEPreset.from_dict(p.to_dict()) == p
     bad = PRESETS["fast"].to_dict() | {"coeff_mod_bit_sizes": [60, 60]}
     with pytest.raises(InsecureParametersError):
-        CKKSPreset.from_dict(bad)
+        HEPreset.from_dict(bad)
     with pytest.raises(ConfigError):
-        CKKSPreset.from_dict({"name": "x"})
+        HEPreset.from_dict({"name": "x"})
 
 
 def test_default_is_packed_bfv() -> None:
@@ -111,10 +111,10 @@ def test_default_is_packed_bfv() -> None:
 def test_bfv_preset_validation() -> None:
     base = PRESETS[DEFAULT_PRESET].to_dict()
     with pytest.raises(ConfigError):
-        CKKSPreset.from_dict(base | {"plain_modulus_bits": 60})  # not below the data prime
+        HEPreset.from_dict(base | {"plain_modulus_bits": 60})  # not below the data prime
     with pytest.raises(ConfigError):
-        CKKSPreset.from_dict(base | {"fields_per_slot": 5})  # 8-bit fields: no room
+        HEPreset.from_dict(base | {"fields_per_slot": 5})  # 8-bit fields: no room
     with pytest.raises(ConfigError):
-        CKKSPreset.from_dict(base | {"encoding": "bgv"})
+        HEPreset.from_dict(base | {"encoding": "bgv"})
     with pytest.raises(InsecureParametersError):
-        CKKSPreset.from_dict(base | {"coeff_mod_bit_sizes": [60, 50]})
+        HEPreset.from_dict(base | {"coeff_mod_bit_sizes": [60, 50]})

@@ -1,8 +1,8 @@
-"""CKKS key generation and key files: a secret hospital file (0600) and a public server file.
+"""HE key generation and key files: a secret hospital file (0600) and a public server file.
 
 Key files are :mod:`~fedcrypt.protection.wire` envelopes (never pickles)::
 
-    header  {"scheme": "ckks", "kind": "hospital-secret" | "server-public", "format": 1,
+    header  {"scheme": WIRE_SCHEME, "kind": "hospital-secret" | "server-public", "format": 1,
              "preset": {...}, "key_id": hex, "fingerprint": hex}
     section 0: hospital: the secret key material (a TenSEAL CKKS context with its secret
                key, or a SEAL BFV secret key); server: the public context again
@@ -35,9 +35,10 @@ import tenseal as ts
 
 from fedcrypt.exceptions import ConfigError, KeyMaterialError, ProtocolError
 from fedcrypt.protection import wire
-from fedcrypt.protection.bfv import BFVContext
-from fedcrypt.protection.ckks import CKKSAggregator, CKKSHospital, context_for, public_bytes
-from fedcrypt.protection.presets import DEFAULT_PRESET, CKKSPreset, get_preset
+from fedcrypt.protection.he.bfv import BFVAggregator, BFVHospital
+from fedcrypt.protection.he.ckks import CKKSAggregator, CKKSHospital, context_for, public_bytes
+from fedcrypt.protection.he.params import DEFAULT_PRESET, WIRE_SCHEME, HEPreset, get_preset
+from fedcrypt.protection.he.seal import BFVContext
 
 KIND_HOSPITAL = "hospital-secret"
 KIND_SERVER = "server-public"
@@ -47,7 +48,7 @@ SERVER_FILE = "server.key"
 _FP_DOMAIN = b"fedcrypt/ckks-context/v1\x00"
 
 
-def fingerprint_of(public_context: bytes, key_id: bytes, preset: CKKSPreset) -> str:
+def fingerprint_of(public_context: bytes, key_id: bytes, preset: HEPreset) -> str:
     """Fingerprint (hex sha256) identifying one key context; see the module docstring."""
     h = hashlib.sha256(_FP_DOMAIN)
     for part in (
@@ -60,13 +61,13 @@ def fingerprint_of(public_context: bytes, key_id: bytes, preset: CKKSPreset) -> 
     return h.hexdigest()
 
 
-def generate_keys(preset: str | CKKSPreset = DEFAULT_PRESET) -> tuple[bytes, bytes]:
-    """Generate a fresh CKKS key context.
+def generate_keys(preset: str | HEPreset = DEFAULT_PRESET) -> tuple[bytes, bytes]:
+    """Generate a fresh HE key context (CKKS or BFV, by preset).
 
     Parameters
     ----------
-    preset : str or CKKSPreset
-        A preset name (see :mod:`fedcrypt.protection.presets`) or a preset (default:
+    preset : str or HEPreset
+        A preset name (see :mod:`fedcrypt.protection.he.params`) or a preset (default:
         ``DEFAULT_PRESET``).
 
     Returns
@@ -103,7 +104,7 @@ def generate_keys(preset: str | CKKSPreset = DEFAULT_PRESET) -> tuple[bytes, byt
     key_id = secrets.token_bytes(32)
     fp = fingerprint_of(pub, key_id, p)
     base: dict[str, Any] = {
-        "scheme": "ckks",
+        "scheme": WIRE_SCHEME,
         "format": FORMAT,
         "preset": p.to_dict(),
         "key_id": key_id.hex(),
@@ -122,7 +123,7 @@ class KeyFileInfo:
     ----------
     kind : str
         ``"hospital-secret"`` or ``"server-public"``.
-    preset : CKKSPreset
+    preset : HEPreset
         Its parameters.
     fingerprint : str
         Hex sha256 of the key context.
@@ -133,28 +134,28 @@ class KeyFileInfo:
     """
 
     kind: str
-    preset: CKKSPreset
+    preset: HEPreset
     fingerprint: str
     has_secret_key: bool
     size_bytes: int
 
 
-def _parse(data: bytes) -> tuple[str, CKKSPreset, str, bytes | memoryview, bytes]:
+def _parse(data: bytes) -> tuple[str, HEPreset, str, bytes | memoryview, bytes]:
     """Validate a key file's envelope; return kind, preset, fingerprint, context, public."""
     try:
-        env = wire.unpack(data, expect_scheme="ckks")
+        env = wire.unpack(data, expect_scheme=WIRE_SCHEME)
     except ProtocolError as exc:
-        raise KeyMaterialError(f"not a fedcrypt CKKS key file ({exc})") from exc
+        raise KeyMaterialError(f"not a fedcrypt HE key file ({exc})") from exc
     h = env.header
     kind = h.get("kind")
     if kind not in (KIND_HOSPITAL, KIND_SERVER):
-        raise KeyMaterialError("not a fedcrypt CKKS key file: unknown key kind")
+        raise KeyMaterialError("not a fedcrypt HE key file: unknown key kind")
     if h.get("format") != FORMAT:
         raise KeyMaterialError(f"unsupported key file format {h.get('format')!r}")
     if len(env.sections) != 2:
         raise KeyMaterialError("corrupt key file: wrong number of sections")
     try:
-        preset = CKKSPreset.from_dict(h.get("preset"))
+        preset = HEPreset.from_dict(h.get("preset"))
         key_id = bytes.fromhex(str(h.get("key_id")))
     except (ConfigError, ValueError) as exc:
         raise KeyMaterialError(f"corrupt key file: {exc}") from exc
@@ -172,7 +173,7 @@ def _context(data: bytes | memoryview) -> ts.Context:
         raise KeyMaterialError(f"corrupt key file: the key context does not load ({exc})") from exc
 
 
-def _bfv(params: bytes, preset: CKKSPreset, *, secret_key: bytes | None = None) -> BFVContext:
+def _bfv(params: bytes, preset: HEPreset, *, secret_key: bytes | None = None) -> BFVContext:
     ctx = BFVContext(params, secret_key=secret_key)
     if (
         ctx.slots != preset.poly_modulus_degree
@@ -183,7 +184,7 @@ def _bfv(params: bytes, preset: CKKSPreset, *, secret_key: bytes | None = None) 
     return ctx
 
 
-def hospital_from_bytes(data: bytes) -> CKKSHospital:
+def hospital_from_bytes(data: bytes) -> CKKSHospital | BFVHospital:
     """Load the hospital side from key-file bytes.
 
     Raises
@@ -199,14 +200,14 @@ def hospital_from_bytes(data: bytes) -> CKKSHospital:
         )
     if preset.is_packed:
         bfv = _bfv(pub, preset, secret_key=bytes(ctx_bytes))
-        return CKKSHospital(bfv, preset=preset, fingerprint=fp)
+        return BFVHospital(bfv, preset=preset, fingerprint=fp)
     ctx = _context(ctx_bytes)
     if public_bytes(ctx) != pub:
         raise KeyMaterialError("corrupt key file: the key context does not match its fingerprint")
     return CKKSHospital(ctx, preset=preset, fingerprint=fp)
 
 
-def server_from_bytes(data: bytes) -> CKKSAggregator:
+def server_from_bytes(data: bytes) -> CKKSAggregator | BFVAggregator:
     """Load the server side from key-file bytes.
 
     A hospital (secret) key file is refused before its context is deserialized, and a
@@ -226,7 +227,7 @@ def server_from_bytes(data: bytes) -> CKKSAggregator:
     if bytes(ctx_bytes) != pub:
         raise KeyMaterialError("corrupt key file: the server context is not the public context")
     if preset.is_packed:
-        return CKKSAggregator(_bfv(pub, preset), preset=preset, fingerprint=fp)
+        return BFVAggregator(_bfv(pub, preset), preset=preset, fingerprint=fp)
     ctx = _context(ctx_bytes)
     if ctx.is_private():
         del ctx
@@ -259,7 +260,7 @@ def check_permissions(path: Path) -> None:
         )
 
 
-def load_hospital(path: Path) -> CKKSHospital:
+def load_hospital(path: Path) -> CKKSHospital | BFVHospital:
     """Load a hospital key file.
 
     Raises
@@ -273,7 +274,7 @@ def load_hospital(path: Path) -> CKKSHospital:
     return hospital_from_bytes(data)
 
 
-def load_server(path: Path) -> CKKSAggregator:
+def load_server(path: Path) -> CKKSAggregator | BFVAggregator:
     """Load a server key file.
 
     Raises

@@ -1,11 +1,11 @@
-"""Tests of fedcrypt.models.cnn."""
+"""Tests of fedcrypt.tasks.models.cnn."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedcrypt.models.cnn import SmallCNN, cnn
+from fedcrypt.tasks.models.cnn import SmallCNN, cnn
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,4 +1,4 @@
-"""Tests of the fedcrypt.models registry: create_model and weights files."""
+"""Tests of the fedcrypt.tasks.models registry: create_model and weights files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedcrypt.exceptions import ConfigError, DataError
-from fedcrypt.models import MODELS, create_model
+from fedcrypt.tasks.models import MODELS, create_model
 
 
 @pytest.fixture(autouse=True)

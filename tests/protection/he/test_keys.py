@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fedcrypt.exceptions import KeyMaterialError
-from fedcrypt.protection import keys, wire
+from fedcrypt.protection import wire
+from fedcrypt.protection.he import keys
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of fedcrypt.data.datasets: WDBC, MedMNIST .npz files, and their errors."""
+"""Tests of fedcrypt.tasks.data.datasets: WDBC, MedMNIST .npz files, and their errors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcrypt.data import datasets
-from fedcrypt.data.datasets import DATASETS, load_dataset
 from fedcrypt.exceptions import ConfigError, DataError
+from fedcrypt.tasks.data import datasets
+from fedcrypt.tasks.data.datasets import DATASETS, load_dataset
 
 SIZES = {"train": 12, "val": 4, "test": 6}
 

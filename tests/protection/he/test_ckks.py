@@ -15,10 +15,12 @@ from fedcrypt.exceptions import (
 )
 from fedcrypt.protection import wire
 from fedcrypt.protection.base import HospitalProtection, ServerAggregator
-from fedcrypt.protection.bfv import BFVContext
-from fedcrypt.protection.ckks import CKKSAggregator, CKKSHospital, error_bound
-from fedcrypt.protection.keys import generate_keys, hospital_from_bytes, server_from_bytes
-from fedcrypt.protection.presets import PRESETS, CKKSPreset
+from fedcrypt.protection.he.bfv import BFVAggregator, BFVHospital
+from fedcrypt.protection.he.bounds import error_bound
+from fedcrypt.protection.he.ckks import CKKSAggregator, CKKSHospital
+from fedcrypt.protection.he.keys import generate_keys, hospital_from_bytes, server_from_bytes
+from fedcrypt.protection.he.params import PRESETS, HEPreset
+from fedcrypt.protection.he.seal import BFVContext
 
 P = 5000  # not a multiple of N/2 = 2048: exercises the partial last chunk
 
@@ -44,7 +46,7 @@ def test_implements_protocols(pair: tuple[CKKSHospital, CKKSAggregator]) -> None
     hospital, server = pair
     assert isinstance(hospital, HospitalProtection)
     assert isinstance(server, ServerAggregator)
-    assert hospital.scheme == server.scheme == "ckks"
+    assert hospital.scheme == server.scheme == "he"
     assert hospital.fingerprint == server.fingerprint
 
 
@@ -215,7 +217,7 @@ def test_aggregates_compose(pair: tuple[CKKSHospital, CKKSAggregator]) -> None:
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_error_bound_is_monotone(name: str) -> None:
-    preset: CKKSPreset = PRESETS[name]
+    preset: HEPreset = PRESETS[name]
     one = error_bound(preset, num_hospitals=1, max_abs=1.0)
     ten = error_bound(preset, num_hospitals=10, max_abs=1.0, total_examples=10)
     assert 0 < one
@@ -236,7 +238,7 @@ def packed_keys() -> tuple[bytes, bytes]:
 
 
 @pytest.fixture()
-def packed(packed_keys: tuple[bytes, bytes]) -> tuple[CKKSHospital, CKKSAggregator]:
+def packed(packed_keys: tuple[bytes, bytes]) -> tuple[BFVHospital, BFVAggregator]:
     hospital, server = packed_keys
     return hospital_from_bytes(hospital), server_from_bytes(server)
 
@@ -245,7 +247,7 @@ PP = 3 * 8192 - 100  # three ciphertexts of 2 x 4096 values, the last one partia
 
 
 def _round(
-    hospital: CKKSHospital, server: CKKSAggregator, updates: list[np.ndarray], counts: list[int]
+    hospital: BFVHospital, server: BFVAggregator, updates: list[np.ndarray], counts: list[int]
 ) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     blobs = [hospital.protect(u, num_examples=n) for u, n in zip(updates, counts, strict=True)]
     result = hospital.unprotect(server.aggregate(blobs))
@@ -254,7 +256,7 @@ def _round(
 
 
 def test_packed_fedavg_two_rounds_within_bound(
-    packed: tuple[CKKSHospital, CKKSAggregator],
+    packed: tuple[BFVHospital, BFVAggregator],
 ) -> None:
     """Both rounds of the packed protocol match the plaintext FedAvg within ``error_bound``.
 
@@ -288,7 +290,7 @@ def test_packed_fedavg_two_rounds_within_bound(
     assert len(blobs2[0]) / PP < 7.7
 
 
-def test_packed_server_cannot_decrypt(packed: tuple[CKKSHospital, CKKSAggregator]) -> None:
+def test_packed_server_cannot_decrypt(packed: tuple[BFVHospital, BFVAggregator]) -> None:
     hospital, server = packed
     ctx = server._ctx
     assert isinstance(ctx, BFVContext)
@@ -300,14 +302,14 @@ def test_packed_server_cannot_decrypt(packed: tuple[CKKSHospital, CKKSAggregator
     with pytest.raises(KeyMaterialError):
         ctx.encrypt(np.zeros(ctx.slots, dtype=np.int64))
     with pytest.raises(KeyMaterialError):
-        CKKSAggregator(hospital._ctx, preset=hospital.preset, fingerprint=hospital.fingerprint)
+        BFVAggregator(hospital._ctx, preset=hospital.preset, fingerprint=hospital.fingerprint)
     with pytest.raises(KeyMaterialError):
-        CKKSHospital(ctx, preset=server.preset, fingerprint=server.fingerprint)
+        BFVHospital(ctx, preset=server.preset, fingerprint=server.fingerprint)
     np.testing.assert_allclose(hospital.unprotect(blob).mean, 0.5, atol=1e-3)
 
 
 def test_packed_rejects_mixed_grids_and_tampering(
-    packed_keys: tuple[bytes, bytes], packed: tuple[CKKSHospital, CKKSAggregator]
+    packed_keys: tuple[bytes, bytes], packed: tuple[BFVHospital, BFVAggregator]
 ) -> None:
     hospital, server = packed
     other = hospital_from_bytes(packed_keys[0])
@@ -337,7 +339,7 @@ def test_packed_rejects_mixed_grids_and_tampering(
 
 
 def test_packed_aggregate_is_self_describing(
-    packed_keys: tuple[bytes, bytes], packed: tuple[CKKSHospital, CKKSAggregator]
+    packed_keys: tuple[bytes, bytes], packed: tuple[BFVHospital, BFVAggregator]
 ) -> None:
     """A restarted hospital (no reference) decodes a calibrated aggregate on its own."""
     hospital, server = packed
@@ -350,7 +352,7 @@ def test_packed_aggregate_is_self_describing(
     assert wire.unpack(fresh.protect(x, num_examples=5)).header["mode"] == "calibrated"
 
 
-def test_packed_rejects_other_key(packed: tuple[CKKSHospital, CKKSAggregator]) -> None:
+def test_packed_rejects_other_key(packed: tuple[BFVHospital, BFVAggregator]) -> None:
     hospital, server = packed
     other_h, other_s = (
         hospital_from_bytes(b) if i == 0 else server_from_bytes(b)
@@ -364,7 +366,7 @@ def test_packed_rejects_other_key(packed: tuple[CKKSHospital, CKKSAggregator]) -
 
 
 def test_noise_budget_lasts_for_max_hospitals(
-    packed: tuple[CKKSHospital, CKKSAggregator],
+    packed: tuple[BFVHospital, BFVAggregator],
 ) -> None:
     """max_hospitals fresh ciphertexts still decrypt with noise budget to spare."""
     hospital, _ = packed

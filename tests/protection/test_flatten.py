@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcrypt.protection.packing import Layout, flatten, unflatten
+from fedcrypt.protection.flatten import Layout, flatten, unflatten
 
 
 def _model() -> torch.nn.Module:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcrypt.protection.bfv import compact_words, expand_words
-from fedcrypt.protection.quantize import (
+from fedcrypt.protection.he.quantize import (
     BLOCK,
     FieldPacking,
     StepTable,
@@ -17,6 +16,7 @@ from fedcrypt.protection.quantize import (
     stochastic_round,
     uniform_steps,
 )
+from fedcrypt.protection.he.seal import compact_words, expand_words
 
 
 def test_ceil_log2_exact() -> None:
