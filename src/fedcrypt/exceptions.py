@@ -19,6 +19,11 @@ class InsecureParametersError(ConfigError):
     """Encryption parameters fail the HomomorphicEncryption.org 128-bit security table."""
 
 
+class TaskError(ConfigError):
+    """A :class:`fedcrypt.Task` is malformed: a missing attribute, a wrong return type, a
+    model output that does not fit the labels, a dataset yielding non-tensors."""
+
+
 class DataError(FedcryptError):
     """A dataset file is missing, unreadable or does not have the expected layout."""
 

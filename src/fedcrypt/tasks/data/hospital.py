@@ -136,6 +136,40 @@ def hospital_data(
     )
 
 
+def hospital_splits(
+    dataset: Dataset,
+    *,
+    client_id: int,
+    num_clients: int,
+    partition: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """Hospital ``client_id``'s (train, val, test) torch datasets in a simulated federation.
+
+    The same partition and local validation split as :func:`hospital_data` (which wraps
+    these in loaders); ``test`` is the dataset's common test split.
+
+    Raises
+    ------
+    ConfigError
+        If an argument is out of range or the partition cannot be made.
+    """
+    data = hospital_data(
+        dataset,
+        client_id=client_id,
+        num_clients=num_clients,
+        partition=partition,
+        alpha=alpha,
+        seed=seed,
+        val_fraction=val_fraction,
+    )
+    parts = (data.train.dataset, data.val.dataset, data.test.dataset)
+    assert all(isinstance(d, TensorDataset) for d in parts)
+    return parts  # type: ignore[return-value]
+
+
 def _holdout(
     y: NDArray[np.int64],
     idx: NDArray[np.int64],
