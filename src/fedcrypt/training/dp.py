@@ -57,6 +57,7 @@ the precision attacks of Mironov (CCS 2012); Opacus' full ``secure_mode`` needs
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -75,6 +76,12 @@ from torch.utils.data import DataLoader
 from fedcrypt.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# Opacus' hooks make torch warn on every backward pass when the input does not require
+# gradients (always true for data); the warning is about hook semantics, not privacy.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed", category=UserWarning
+)
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 """Opacus accountants for sample-level DP (``prv`` is tighter, ``rdp`` the classic)."""
@@ -292,8 +299,6 @@ def plan_sample_dp(
         be met with a noise multiplier up to ``max_noise_multiplier`` (ε too small, or too
         many steps).
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     n = _count("num_train", num_train)
     b = _count("batch_size", batch_size)
     r = _count("rounds", rounds)
@@ -308,18 +313,7 @@ def plan_sample_dp(
     steps = r * e * per_epoch
     what = f"ε = {epsilon:g} at δ = {delta:g} over {steps} DP-SGD steps (sample rate {q:.3g})"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # RDP warns when the best order is at the edge
-            sigma = float(
-                get_noise_multiplier(
-                    target_epsilon=float(epsilon),
-                    target_delta=float(delta),
-                    sample_rate=q,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=EPSILON_TOLERANCE,
-                )
-            )
+        sigma = _calibrate_sample(float(epsilon), float(delta), q, steps, accountant)
     except (ValueError, ArithmeticError, RuntimeError) as exc:
         raise ConfigError(f"cannot reach {what}: {exc}") from None
     if not (math.isfinite(sigma) and sigma <= cap):
@@ -340,6 +334,26 @@ def plan_sample_dp(
         batch_size=b,
         accountant=accountant,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_sample(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """``opacus.accountants.utils.get_noise_multiplier`` (cached: hospitals of equal size
+    share one calibration, which takes seconds)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RDP warns when the best order is at the edge
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=q,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=EPSILON_TOLERANCE,
+            )
+        )
 
 
 def _search_sigma(
