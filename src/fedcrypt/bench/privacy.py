@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,9 @@ class Options:
     def check(self) -> None:
         """Raise :class:`ConfigError` for out-of-range options."""
         if not self.inversion_images or any(not 1 <= b <= 8 for b in self.inversion_images):
-            raise ConfigError(f"inversion images must be 1-8 per batch, got {self.inversion_images}")
+            raise ConfigError(
+                f"inversion images must be 1-8 per batch, got {self.inversion_images}"
+            )
         for name in ("inversion_iterations", "hospitals", "examples_per_hospital", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
@@ -333,7 +335,10 @@ def _new_model(opts: Options, ds: Any, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     width = 0.5 if opts.model == "cnn" else 2.0
     model = create_model(
-        opts.model, input_shape=ds.input_shape, num_classes=ds.num_classes, width_mult=width,
+        opts.model,
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        width_mult=width,
         dropout=0.0,
     )
     return dp_compatible(model)
@@ -373,9 +378,7 @@ def _train_local(
             optimizer.step()
 
 
-def train_direct(
-    opts: Options, ds: Any, *, dp: bool, seed: int, members: Any
-) -> TargetRun:
+def train_direct(opts: Options, ds: Any, *, dp: bool, seed: int, members: Any) -> TargetRun:
     """FedAvg in process: each hospital trains a copy of the global model on its share of
     ``members`` (:func:`fedcrypt.tasks.data.hospital.hospital_splits`), the server averages
     the weights by example count; DP-SGD at every hospital when ``dp``."""
@@ -386,7 +389,9 @@ def train_direct(
     t0 = time.perf_counter()
     fed = dataclasses.replace(ds, train=members)
     shares = [
-        hospital_splits(fed, client_id=i, num_clients=opts.hospitals, seed=seed, val_fraction=0.0)[0]
+        hospital_splits(fed, client_id=i, num_clients=opts.hospitals, seed=seed, val_fraction=0.0)[
+            0
+        ]
         for i in range(opts.hospitals)
     ]
     global_model = _new_model(opts, ds, seed)
@@ -446,9 +451,7 @@ def train_direct(
 TRAINER_FUNCTIONS: dict[str, Callable[..., TargetRun]] = {"direct": train_direct}
 
 
-def membership_bench(
-    opts: Options, say: Log
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def membership_bench(opts: Options, say: Log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Loss-threshold and offline LiRA AUC on the global model, without and with DP."""
     from fedcrypt.privacy.membership import (
         attack_auc,
@@ -508,11 +511,16 @@ def membership_bench(
                     len(pool_y), n_members, replace=False
                 )
                 shadow = trainer(
-                    opts, ds, dp=dp, seed=opts.seed + 1000 + s,
+                    opts,
+                    ds,
+                    dp=dp,
+                    seed=opts.seed + 1000 + s,
                     members=_subset_xy(pool_x[pick], pool_y[pick]),
                 )
                 phis.append(logit_confidence(shadow.model, cand_x, cand_y))
-            lira = lira_offline_scores(logit_confidence(target.model, cand_x, cand_y), np.stack(phis))
+            lira = lira_offline_scores(
+                logit_confidence(target.model, cand_x, cand_y), np.stack(phis)
+            )
             auc = attack_auc(lira[is_member], lira[~is_member])
             rows.append({**base, "attack": f"lira-offline ({opts.shadows} shadows)", "auc": auc})
             curves[f"LiRA {arm}"] = (lira, is_member)
@@ -575,14 +583,30 @@ def run_privacy(out: Path, *, options: Options, log: Log | None = None) -> dict[
         If the dataset file is missing.
     """
     from fedcrypt.privacy.capabilities import capability_rows
+    from fedcrypt.training.dp import plan_sample_dp
 
     options.check()
+    # refuse an unreachable DP target before any work
+    plan_sample_dp(
+        epsilon=options.dp_epsilon,
+        delta=options.dp_delta,
+        max_grad_norm=options.dp_max_grad_norm,
+        num_train=options.examples_per_hospital,
+        batch_size=options.batch_size,
+        rounds=options.rounds,
+        local_epochs=options.local_epochs,
+    )
     say: Log = log or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    inv_rows, images = inversion_bench(options, say)
-    mia_rows, curves = membership_bench(options, say)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and fair on shared CPUs
+    try:
+        inv_rows, images = inversion_bench(options, say)
+        mia_rows, curves = membership_bench(options, say)
+    finally:
+        torch.set_num_threads(threads)
     payload: dict[str, Any] = {
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "gradient_inversion": inv_rows,
@@ -668,7 +692,9 @@ def render(payload: dict[str, Any], console: Any) -> None:
 
     inv = Table(title="Gradient inversion by the server (higher PSNR/SSIM = closer copy)")
     for col in ("protection", "images", "PSNR dB", "SSIM", "bytes received", "server's reading"):
-        inv.add_column(col, justify="left" if col in ("protection", "server's reading") else "right")
+        inv.add_column(
+            col, justify="left" if col in ("protection", "server's reading") else "right"
+        )
     for row in payload["gradient_inversion"]:
         inv.add_row(
             row["protection"],
@@ -690,14 +716,24 @@ def render(payload: dict[str, Any], console: Any) -> None:
             "-" if row["delta"] is None else f"{row['delta']:g}",
             f"{row['auc']:.3f}",
             f"{row['test_accuracy']:.3f}",
-            "-" if row["test_auc"] is None or math.isnan(row["test_auc"]) else f"{row['test_auc']:.3f}",
+            "-"
+            if row["test_auc"] is None or math.isnan(row["test_auc"])
+            else f"{row['test_auc']:.3f}",
         )
     console.print(mia)
     cap = Table(title="Who can compute what (DESIGN.md §2)")
-    for col in ("mode", "party", "another hospital's update", "aggregate / global model", "membership"):
+    for col in (
+        "mode",
+        "party",
+        "another hospital's update",
+        "aggregate / global model",
+        "membership",
+    ):
         cap.add_column(col)
     for row in payload["capabilities"]:
-        cap.add_row(row["mode"], row["party"], row["individual_update"], row["aggregate"], row["membership"])
+        cap.add_row(
+            row["mode"], row["party"], row["individual_update"], row["aggregate"], row["membership"]
+        )
     console.print(cap)
     for check in payload.get("checks", []):
         mark = "[green]ok[/green]" if check["ok"] else "[red]FAILED[/red]"

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Benchmarks: HE cost, protection side-by-side.", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks: HE cost, protection side-by-side, privacy evidence.", no_args_is_help=True
+)
 
 _console = Console(highlight=False)
 if not _console.is_terminal:
@@ -85,3 +87,51 @@ def compare(
         payload = run_compare(out, options=opts, log_fn=lambda msg: status.update(msg))
     render(payload, _console)
     _console.print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+
+
+@app.command("privacy")
+def privacy(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for privacy.json and the PNG figures.")
+    ] = Path("bench-privacy"),
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Folder holding breastmnist.npz (default: ~/.medmnist)."),
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="About a minute on one core: 1 image, MLP target, no shadow models."
+        ),
+    ] = False,
+    dp_epsilon: Annotated[
+        float, typer.Option("--dp-epsilon", min=0.0, help="ε of the DP arm (over all rounds).")
+    ] = 4.0,
+    dp_delta: Annotated[float, typer.Option("--dp-delta", min=0.0, help="δ of the DP arm.")] = 1e-3,
+    dp_max_grad_norm: Annotated[
+        float, typer.Option("--dp-max-grad-norm", min=0.0, help="Per-example clipping norm C.")
+    ] = 1.0,
+    shadows: Annotated[
+        int | None,
+        typer.Option(
+            "--shadows", min=0, help="Shadow models for LiRA (default 8; 0 with --quick)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data, models and attacks.")] = 0,
+) -> None:
+    """What the server learns from one hospital's update in each mode (gradient inversion:
+    PSNR/SSIM), what the global model reveals with and without DP (membership inference:
+    ROC AUC), and who can compute what (DESIGN.md §2)."""
+    from fedcrypt.bench.privacy import Options, render, run_privacy
+
+    opts = Options.for_quick(data_dir=data_dir) if quick else Options(data_dir=data_dir)
+    opts.dp_epsilon, opts.dp_delta, opts.dp_max_grad_norm = dp_epsilon, dp_delta, dp_max_grad_norm
+    opts.seed = seed
+    if shadows is not None:
+        opts.shadows = shadows
+    with _console.status("attacking…") as status:
+        payload = run_privacy(out, options=opts, log=lambda msg: status.update(msg))
+    render(payload, _console)
+    _console.print(
+        f"wrote {out / 'privacy.json'} and {', '.join(Path(p).name for p in payload['png'])}"
+    )

@@ -59,7 +59,9 @@ CAPABILITIES: tuple[Capability, ...] = (
         "the unselected tensors, in clear",
         _DP + " on the clear tensors",
     ),
-    Capability("secagg", "server", "no (masked)", "no with the group mask (default); else yes", _DP),
+    Capability(
+        "secagg", "server", "no (masked)", "no with the group mask (default); else yes", _DP
+    ),
     Capability("secagg", "one hospital", "no", "yes (it unmasks)", _DP),
     Capability(
         "secagg",

@@ -42,9 +42,7 @@ def _ssim(a: NDArray[np.float64], b: NDArray[np.float64]) -> float:
 
     # images are [C, H, W]; SSIM per channel, averaged
     return float(
-        np.mean(
-            [structural_similarity(a[c], b[c], data_range=1.0) for c in range(a.shape[0])]
-        )
+        np.mean([structural_similarity(a[c], b[c], data_range=1.0) for c in range(a.shape[0])])
     )
 
 

@@ -194,8 +194,8 @@ def invert_gradients(
         If ``gradient`` does not match the model.
     """
     target = _split(model, gradient)
-    target_norms = [t.norm() + 1e-12 for t in target]
-    params = [p for p in model.parameters()]
+    tnorm = float(np.linalg.norm(np.asarray(gradient, dtype=np.float64))) + 1e-12
+    params = list(model.parameters())
     shape = (int(labels.numel()), *(int(d) for d in image_shape))
     gen = torch.Generator().manual_seed(seed)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
@@ -209,16 +209,14 @@ def invert_gradients(
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
             loss_value = math.inf
             for _ in range(iterations):
-                opt.zero_grad()
                 task_loss = F.cross_entropy(model(x), labels)
                 grads = torch.autograd.grad(task_loss, params, create_graph=True)
-                dot = sum((g * t).sum() for g, t in zip(grads, target, strict=True))
-                gnorm = torch.sqrt(sum((g * g).sum() for g in grads) + 1e-12)
-                tnorm = torch.sqrt(sum(n * n for n in target_norms))
-                objective = 1 - dot / (gnorm * tnorm) + tv_weight * total_variation(x)
-                objective.backward()
-                assert x.grad is not None
-                x.grad.sign_()
+                dot = torch.stack([(g * t).sum() for g, t in zip(grads, target, strict=True)])
+                gsq = torch.stack([(g * g).sum() for g in grads])
+                cosine = dot.sum() / (torch.sqrt(gsq.sum() + 1e-12) * tnorm)
+                objective = 1 - cosine + tv_weight * total_variation(x)
+                (step,) = torch.autograd.grad(objective, [x])  # the model's .grad stays untouched
+                x.grad = step.sign()
                 opt.step()
                 sched.step()
                 with torch.no_grad():

@@ -76,7 +76,9 @@ def logit_confidence(
     return torch.cat(out).numpy()
 
 
-def attack_auc(member_scores: NDArray[np.floating], nonmember_scores: NDArray[np.floating]) -> float:
+def attack_auc(
+    member_scores: NDArray[np.floating], nonmember_scores: NDArray[np.floating]
+) -> float:
     """ROC AUC of "higher score means member" (scikit-learn ``roc_auc_score``).
 
     Raises

@@ -80,7 +80,9 @@ logger = logging.getLogger(__name__)
 # Opacus' hooks make torch warn on every backward pass when the input does not require
 # gradients (always true for data); the warning is about hook semantics, not privacy.
 warnings.filterwarnings(
-    "ignore", message="Full backward hook is firing when gradients are computed", category=UserWarning
+    "ignore",
+    message="Full backward hook is firing when gradients are computed",
+    category=UserWarning,
 )
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
@@ -264,10 +266,10 @@ def plan_sample_dp(
 
     ``steps = rounds * local_epochs * ceil(num_train / batch_size)`` at sample rate
     ``q = 1 / ceil(num_train / batch_size)``; the noise multiplier is the smallest (within
-    :data:`EPSILON_TOLERANCE` in ε) for which the accountant reports ε ≤ ``epsilon`` at ``delta`` after all
-    steps (``opacus.accountants.utils.get_noise_multiplier``). Call it before the first
-    round, at every hospital (and at the server for every hospital's size, to refuse a
-    run up front).
+    :data:`EPSILON_TOLERANCE` in ε) for which the accountant reports ε ≤ ``epsilon`` at
+    ``delta`` after all steps (``opacus.accountants.utils.get_noise_multiplier``). Call it
+    before the first round, at every hospital (and at the server for every hospital's
+    size, to refuse a run up front).
 
     Parameters
     ----------
@@ -312,6 +314,18 @@ def plan_sample_dp(
     q = 1.0 / per_epoch
     steps = r * e * per_epoch
     what = f"ε = {epsilon:g} at δ = {delta:g} over {steps} DP-SGD steps (sample rate {q:.3g})"
+    # one evaluation at the ceiling refuses an unreachable target at once (Opacus' search
+    # would double σ up to 1e6 first: minutes of RDP evaluations)
+    try:
+        eps_at_cap = _sample_epsilon(cap, q, steps, float(delta), accountant)
+    except (ValueError, ArithmeticError, RuntimeError) as exc:
+        raise ConfigError(f"cannot account for {what}: {exc}") from None
+    if not eps_at_cap <= float(epsilon):
+        raise ConfigError(
+            f"cannot reach {what}: even noise multiplier {cap:g} (more noise than a model can "
+            f"learn through) gives ε = {eps_at_cap:.3g}; raise ε or δ, or use fewer rounds, "
+            "local epochs or larger batches"
+        )
     try:
         sigma = _calibrate_sample(float(epsilon), float(delta), q, steps, accountant)
     except (ValueError, ArithmeticError, RuntimeError) as exc:
@@ -334,6 +348,16 @@ def plan_sample_dp(
         batch_size=b,
         accountant=accountant,
     )
+
+
+def _sample_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
+    acct = create_accountant(mechanism=accountant)
+    acct.history = [(sigma, q, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acct.get_epsilon(delta=delta))
 
 
 @functools.lru_cache(maxsize=256)
@@ -458,6 +482,7 @@ class SampleDP:
         self._seed = seed
         self._wraps = 0
         self._module: Any = None
+        self._eps_cache: tuple[tuple[Any, ...], float] | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Secure RNG turned off" (see module docstring)
             self._engine = PrivacyEngine(accountant=plan.accountant)
@@ -564,11 +589,15 @@ class SampleDP:
     @property
     def epsilon(self) -> float:
         """ε spent so far at the plan's δ (0.0 before the first step)."""
-        if not self._engine.accountant.history:
+        history = tuple(self._engine.accountant.history)
+        if not history:
             return 0.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(self._engine.accountant.get_epsilon(delta=self.plan.delta))
+        if self._eps_cache is None or self._eps_cache[0] != history:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                eps = float(self._engine.accountant.get_epsilon(delta=self.plan.delta))
+            self._eps_cache = (history, eps)  # RDP over fractional orders takes ~0.5 s
+        return self._eps_cache[1]
 
     def record(self) -> DPRecord:
         """ε spent so far, δ and the plan's parameters."""
@@ -707,7 +736,9 @@ def rounded_sensitivity(max_norm: float, *, lattice: float, dimension: int, beta
     first = (c + g * math.sqrt(p)) ** 2
     if beta <= 0:
         return math.sqrt(first)
-    second = c**2 + g**2 * p / 4 + math.sqrt(2 * math.log(1 / beta)) * g * (c + g * math.sqrt(p) / 2)
+    second = (
+        c**2 + g**2 * p / 4 + math.sqrt(2 * math.log(1 / beta)) * g * (c + g * math.sqrt(p) / 2)
+    )
     return math.sqrt(min(first, second))
 
 
@@ -844,7 +875,9 @@ def plan_client_dp(
         gamma = _positive("lattice", lattice)
         mant, _ = math.frexp(gamma)
         if mant != 0.5:
-            raise ConfigError(f"lattice must be a power of two (1 / fixed-point scale), got {gamma!r}")
+            raise ConfigError(
+                f"lattice must be a power of two (1 / fixed-point scale), got {gamma!r}"
+            )
         dim = _count("dimension", dimension)
         sensitivity = rounded_sensitivity(c, lattice=gamma, dimension=dim, beta=float(beta))
     fields: dict[str, Any] = {
@@ -930,9 +963,7 @@ def clip_update(
     return vec * factor, norm
 
 
-def discrete_gaussian(
-    size: int, *, sigma: float, rng: np.random.Generator
-) -> NDArray[np.int64]:
+def discrete_gaussian(size: int, *, sigma: float, rng: np.random.Generator) -> NDArray[np.int64]:
     """Samples of the discrete Gaussian ``N_Z(0, σ²)`` (probability ∝ ``exp(-x²/(2σ²))``).
 
     Rejection sampling from the discrete Laplace distribution, Algorithm 3 of Canonne,
@@ -1058,7 +1089,9 @@ def privatize_update(
         return clipped + noise_share(clipped.size, plan=plan, rng=gen)
     assert plan.lattice is not None
     if plan.dimension != clipped.size:
-        raise ValueError(f"update has {clipped.size} values, the plan was made for {plan.dimension}")
+        raise ValueError(
+            f"update has {clipped.size} values, the plan was made for {plan.dimension}"
+        )
     units = _conditional_rounding(clipped / plan.lattice, plan.sensitivity / plan.lattice, gen)
     noise = discrete_gaussian(clipped.size, sigma=plan.share_std / plan.lattice, rng=gen)
     return (units + noise) * plan.lattice
