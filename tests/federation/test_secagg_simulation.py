@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fedcrypt.config import RunConfig
-from fedcrypt.federation.hospital import _dataset
 from fedcrypt.federation.secagg_flow import SecAggOptions
 from fedcrypt.federation.simulation import run_simulation
 from fedcrypt.protection.secagg import TooFewSurvivorsError
+from fedcrypt.tasks.builtin import _dataset
 from fedcrypt.tasks.data.hospital import hospital_data
 
 pytestmark = pytest.mark.slow

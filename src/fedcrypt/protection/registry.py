@@ -15,6 +15,7 @@ from fedcrypt.config import DEPRECATED_PROTECTIONS, Protection
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.protection import he, plain
 from fedcrypt.protection.base import HospitalProtection, Scheme, ServerAggregator
+from fedcrypt.protection.secagg import STAGES
 
 HOSPITAL_KEY_FILE = "hospital.key"
 SERVER_KEY_FILE = "server.key"
@@ -67,6 +68,7 @@ SECAGG = Scheme(
         "the server saw only pairwise-masked updates; it learnt the sum only (or nothing, with "
         "the consortium group mask)."
     ),
+    stages=STAGES,
 )
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (PLAIN, HE, SECAGG)}
