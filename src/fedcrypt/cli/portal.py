@@ -43,7 +43,8 @@ Token = Annotated[
 ]
 FedRef = Annotated[str, typer.Argument(help="Federation id or name.")]
 RoundOpt = Annotated[
-    int | None, typer.Option("--round", "-r", help="Round number [default: the current round].")
+    int | None,
+    typer.Option("--round", "-r", help="Round number.", show_default="the current round"),
 ]
 
 
@@ -87,7 +88,7 @@ def serve(
     db: Annotated[
         str | None,
         typer.Option(
-            "--db", help="SQLAlchemy database URL [default: sqlite:///DATA_DIR/portal.db]."
+            "--db", help="SQLAlchemy database URL.", show_default="sqlite:///DATA_DIR/portal.db"
         ),
     ] = None,
     data_dir: Annotated[
@@ -168,7 +169,7 @@ def serve(
 def set_password(
     email: Annotated[str, typer.Option("--email", help="The account (admin or hospital).")],
     db: Annotated[
-        str | None, typer.Option("--db", help="SQLAlchemy URL [default: DATA_DIR/portal.db].")
+        str | None, typer.Option("--db", help="SQLAlchemy URL.", show_default="DATA_DIR/portal.db")
     ] = None,
     data_dir: Annotated[Path, typer.Option("--data-dir", help="The portal's data folder.")] = Path(
         "portal-data"
@@ -583,7 +584,7 @@ def participate(
     seed: Annotated[int, typer.Option(help="Seed of partition and training.")] = 0,
     epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs per round.")] = 1,
     lr: Annotated[
-        float | None, typer.Option(help="Adam learning rate [default: by model].")
+        float | None, typer.Option(help="Adam learning rate.", show_default="by model")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 32,
     key: Annotated[

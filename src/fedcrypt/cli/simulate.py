@@ -73,14 +73,15 @@ def simulate(
     ),
     model: str | None = typer.Option(
         None,
-        help="Built-in model: mlp, cnn or mobilenetv2 [default: mlp for tables, cnn for images].",
+        help="Built-in model: mlp, cnn or mobilenetv2.",
+        show_default="mlp for tables, cnn for images",
     ),
     clients: int = typer.Option(3, help="Number of simulated hospitals."),
     rounds: int = typer.Option(5, help="FedAvg rounds (with --resume: the total to reach)."),
     local_epochs: int = typer.Option(3, "--local-epochs", help="Local epochs per round."),
     batch_size: int = typer.Option(32, "--batch-size", help="Local batch size."),
     lr: float | None = typer.Option(
-        None, help="Adam learning rate [default: the model's: 1e-2 for mlp, 1e-3 otherwise]."
+        None, help="Adam learning rate.", show_default="the model's: 1e-2 for mlp, 1e-3 otherwise"
     ),
     class_weight: str = typer.Option(
         "none",
@@ -98,8 +99,8 @@ def simulate(
     he_preset: str | None = typer.Option(
         None,
         "--he-preset",
-        help="HE parameter preset (see 'fedcrypt keys presets') [default: packed, or the "
-        "preset of --keys].",
+        help="HE parameter preset (see 'fedcrypt keys presets').",
+        show_default="packed, or the preset of --keys",
     ),
     encrypt_layers: str = typer.Option(
         "all", "--encrypt-layers", help="he only: all, last, last:N, or a regex of tensor names."
@@ -107,8 +108,8 @@ def simulate(
     keys: Path | None = typer.Option(
         None,
         "--keys",
-        help="he only: folder from 'fedcrypt keys generate' [default: a fresh pair, kept in "
-        "<run>/keys].",
+        help="he only: folder from 'fedcrypt keys generate'.",
+        show_default="a fresh pair, kept in <run>/keys",
     ),
     weights: Path | None = typer.Option(
         None, "--weights", help="A state_dict file to start from (e.g. pretrained MobileNetV2)."
@@ -118,7 +119,8 @@ def simulate(
         None,
         "--min-hospitals",
         help="Quorum: a round proceeds with the hospitals that answered in time if at least "
-        "this many did [default: all invited].",
+        "this many did.",
+        show_default="all invited",
     ),
     round_timeout: float = typer.Option(
         3600.0, "--round-timeout", help="Seconds to wait for the hospitals in each exchange."
@@ -137,7 +139,7 @@ def simulate(
         None, "--resume", help="Continue RUN_DIR from its checkpoint up to --rounds rounds."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Run directory [default: runs/<time>-<dataset>-<protection>]."
+        None, "--out", help="Run directory.", show_default="runs/<time>-<dataset>-<protection>"
     ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
