@@ -18,7 +18,7 @@ from fedcrypt.deploy import deploy_locally, make_node_key_pair, make_tls_files
 from fedcrypt.deploy.flwr_cli import node_config
 
 APP_DIR = Path(__file__).resolve().parents[2] / "deploy"
-SERVER_ONLY_KEYS = {"server-key", "run-dir"}
+SERVER_ONLY_KEYS = {"server-key", "run-dir", "resume"}
 
 
 def _app_config() -> dict[str, object]:
