@@ -158,8 +158,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.protection != "he" and self.encrypt_layers != "all":
-            raise ValueError("--encrypt-layers applies only to --protection he")
         if self.min_hospitals is not None and self.min_hospitals > self.clients:
             raise ValueError(
                 f"--min-hospitals {self.min_hospitals} exceeds the {self.clients} hospitals"

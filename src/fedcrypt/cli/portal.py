@@ -569,7 +569,7 @@ def participate(
     federation: FedRef,
     rounds: Annotated[int, typer.Option(help="Rounds to take part in.")] = 1,
     dataset: Annotated[
-        str, typer.Option(help="wdbc, breastmnist, pneumoniamnist or a .npz path.")
+        str, typer.Option(help="Built-in task: wdbc, breastmnist, pneumoniamnist or a .npz path.")
     ] = "wdbc",
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Folder of MedMNIST .npz files.")
@@ -588,7 +588,14 @@ def participate(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 32,
     key: Annotated[
-        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+        Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="Your own task: FILE.py:NAME or package.module:NAME (replaces --dataset).",
+        ),
     ] = None,
     eval_split: Annotated[str, typer.Option("--eval-split", help="val (local) or test.")] = "val",
     out: Annotated[
@@ -609,6 +616,7 @@ def participate(
         raise ConfigError(f"--eval-split must be val or test, got {eval_split!r}")
     config = ParticipationConfig(
         dataset=dataset,
+        task=task,
         data_dir=data_dir,
         client_id=client_id,
         num_clients=num_clients,

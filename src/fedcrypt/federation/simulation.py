@@ -141,6 +141,8 @@ def prepare_run(
         that takes no key files.
     """
     scheme = get_scheme(config.protection)
+    if config.encrypt_layers != "all" and not scheme.layer_selection:
+        raise ConfigError(f"--encrypt-layers does not apply to --protection {scheme.name}")
     if keys_dir is not None and not scheme.key_files:
         raise ConfigError(
             f"--keys applies to key-file modes (he); protection {scheme.name!r} makes its own "
