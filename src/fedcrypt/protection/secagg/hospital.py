@@ -802,6 +802,11 @@ class SecAggHospital:
         fedcrypt.exceptions.DecryptionError
             If it does not unmask with this hospital's consortium key.
         """
+        header = wire.unpack(aggregate, expect_scheme=SCHEME).header
+        claimed = wire.header_int(header, "round", minimum=1)
+        newest = max(self._progress.last_round, self._progress.last_unprotected)
+        if claimed < newest:
+            raise ReplayError(f"secagg aggregate is for round {claimed}, older than round {newest}")
         size = self._masker.size if self._masker is not None else 0
         result, info = read_aggregate(
             aggregate,
@@ -810,9 +815,6 @@ class SecAggHospital:
             masker=self._masker_for(size) if size else None,
         )
         round_ = info.config.round
-        newest = max(self._progress.last_round, self._progress.last_unprotected)
-        if round_ < newest:
-            raise ReplayError(f"secagg aggregate is for round {round_}, older than round {newest}")
         st = self._round
         if st is not None and st.config.round == round_ and info.session != st.session:
             raise SessionMismatchError(f"secagg aggregate of round {round_} is for another session")
