@@ -3,8 +3,9 @@
 Message types (``<category>.<action>``, routed by Flower's ``ClientApp``):
 
 * ``query.secagg_identify`` → this node's hospital id (its ``partition-id``);
-* ``train.secagg_advertise``, ``train.secagg_share``, ``train.secagg_unmask`` → one
-  protocol stage each (:class:`~fedcrypt.protection.secagg.SecAggHospital`);
+* ``train.secagg_advertise``, ``train.secagg_share``, ``train.secagg_consistency``,
+  ``train.secagg_unmask`` → one protocol stage each
+  (:class:`~fedcrypt.protection.secagg.SecAggHospital`);
 * ``train.secagg_masked_input`` → load the global model, train locally, send the masked
   *delta* (local − global) weighted by the example count;
 * ``evaluate`` → remove the group mask from the aggregate, add the mean delta to the
@@ -45,6 +46,7 @@ ACTIONS = {
     "advertise": "secagg_advertise",
     "share": "secagg_share",
     "masked_input": "secagg_masked_input",
+    "consistency": "secagg_consistency",
     "unmask": "secagg_unmask",
 }
 IDENTIFY = "query.secagg_identify"
@@ -278,7 +280,7 @@ def evaluate(setup: SecAggClientSetup, msg: Message, context: Context) -> Messag
 
 
 def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
-    """A ClientApp answering the four secagg stages, and ``evaluate``, for ``setup``."""
+    """A ClientApp answering the five secagg stages, and ``evaluate``, for ``setup``."""
     app = ClientApp()
 
     @app.query(IDENTIFY.split(".", 1)[1])
@@ -297,6 +299,8 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
                 reply = sec.stage_advertise(request)
             elif stage == "share":
                 reply = sec.stage_share(request)
+            elif stage == "consistency":
+                reply = sec.stage_consistency(request)
             else:
                 reply = sec.stage_unmask(request)
             seconds = time.perf_counter() - t0
@@ -305,7 +309,7 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
 
         return handler
 
-    for stage in ("advertise", "share", "unmask"):
+    for stage in ("advertise", "share", "consistency", "unmask"):
         app.train(ACTIONS[stage])(_stage(stage))
 
     @app.train(ACTIONS["masked_input"])
