@@ -242,3 +242,23 @@ def test_a_request_for_another_session_is_refused_by_the_hospital() -> None:
     rb = server_b.receive_advertise({i: b.hospitals[i].stage_advertise(rb[i]) for i in b.ids})
     with pytest.raises(SessionMismatchError):
         a.hospitals[0].stage_share(rb[0])
+
+
+def test_advertised_keys_of_another_session_are_refused_by_the_hospital() -> None:
+    """Advertised keys are signed with the session and round: a server cannot splice in a
+    (validly signed) advertisement of another session to control a hospital's peers."""
+    a, server_a, b, server_b = two_sessions()
+    ra = server_a.request_advertise()
+    rb = server_b.request_advertise()
+    ra = server_a.receive_advertise({i: a.hospitals[i].stage_advertise(ra[i]) for i in a.ids})
+    rb = server_b.receive_advertise({i: b.hospitals[i].stage_advertise(rb[i]) for i in b.ids})
+    env_a, env_b = wire.unpack(ra[0]), wire.unpack(rb[0])
+    spliced = pack_request(
+        "share",
+        round_=1,
+        session=server_a.config.session,
+        extra={"senders": env_a.header["senders"]},
+        sections=[*env_a.sections[:3], env_b.sections[3]],  # hospital 3's keys from session B
+    )
+    with pytest.raises(SessionMismatchError, match="hospital 3 is for another session"):
+        a.hospitals[0].stage_share(spliced)
