@@ -252,3 +252,14 @@ def test_nonce_separates_runs_that_reuse_a_round_number() -> None:
     assert a.nonce != b.nonce and a.session != b.session
     with pytest.raises(ConfigError, match="nonce"):
         RoundConfig(round=1, hospital_ids=(1, 2, 3), vector_size=4, params=params, nonce="xy")
+
+
+def test_five_hospitals_one_gone_before_its_masked_input_leaves_four_contributors() -> None:
+    """The issue's scenario (``--clients 5 --drop 2@1:masked_input``) at the protocol level:
+    the default t = 4 of 5 recovers the sum of the other four."""
+    c = make_consortium(range(5))
+    inputs = make_inputs(c.ids, P)
+    server = c.server(vector_size=P)
+    report = run_round(server, c.hospitals, inputs, dropouts={"masked_input": {2}})
+    check_against_plain(report, inputs, [0, 1, 3, 4], c.params)
+    assert report.result is not None and report.result.num_updates == 4
