@@ -23,7 +23,7 @@ def test_check_names_unknown_stage_hospital_round() -> None:
     check_drops([Drop(1, 2, "evaluate")], stages=("train",), hospitals=3, rounds=2)
     with pytest.raises(ConfigError, match="unknown stage 'share'"):
         check_drops([Drop(1, 1, "share")], stages=("train",), hospitals=3, rounds=2)
-    with pytest.raises(ConfigError, match="outside 0..2"):
+    with pytest.raises(ConfigError, match=r"outside 0\.\.2"):
         check_drops([Drop(3, 1)], stages=("train",), hospitals=3, rounds=2)
     with pytest.raises(ConfigError, match="only 2 rounds"):
         check_drops([Drop(0, 3)], stages=("train",), hospitals=3, rounds=2)

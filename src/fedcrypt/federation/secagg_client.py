@@ -4,8 +4,9 @@ Message types (``<category>.<action>``, routed by Flower's ``ClientApp``):
 
 * ``query.fedcrypt_hello`` → this hospital's id, model size and initial-weights digest
   (as for every mode, :func:`fedcrypt.federation.client.hello`);
-* ``train.secagg_advertise``, ``train.secagg_share``, ``train.secagg_unmask`` → one
-  protocol stage each (:class:`~fedcrypt.protection.secagg.SecAggHospital`);
+* ``train.secagg_advertise``, ``train.secagg_share``, ``train.secagg_consistency``,
+  ``train.secagg_unmask`` → one protocol stage each
+  (:class:`~fedcrypt.protection.secagg.SecAggHospital`);
 * ``train.secagg_masked_input`` → train locally from the global model it holds (round 1:
   the initial model it built; a hospital that missed aggregates gets them in the message,
   as a catch-up) and send the masked *delta* (local − global) weighted by the example
@@ -47,6 +48,7 @@ ACTIONS = {
     "advertise": "secagg_advertise",
     "share": "secagg_share",
     "masked_input": "secagg_masked_input",
+    "consistency": "secagg_consistency",
     "unmask": "secagg_unmask",
 }
 
@@ -304,6 +306,8 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
                 reply = sec.stage_advertise(request)
             elif stage == "share":
                 reply = sec.stage_share(request)
+            elif stage == "consistency":
+                reply = sec.stage_consistency(request)
             else:
                 reply = sec.stage_unmask(request)
             seconds = time.perf_counter() - t0
@@ -312,7 +316,7 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
 
         return handler
 
-    for stage in ("advertise", "share", "unmask"):
+    for stage in ("advertise", "share", "consistency", "unmask"):
         app.train(ACTIONS[stage])(_stage(stage))
 
     @app.train(ACTIONS["masked_input"])

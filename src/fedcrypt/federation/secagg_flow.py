@@ -1,10 +1,11 @@
-"""The server side of ``secagg`` on Flower: four message exchanges per round, then evaluate.
+"""The server side of ``secagg`` on Flower: five message exchanges per round, then evaluate.
 
 :class:`SecAggFedAvg` is :class:`~fedcrypt.federation.strategy.ProtectedFedAvg` with the
 training phase replaced by one secure-aggregation round
 (:class:`~fedcrypt.protection.secagg.SecAggServer`): ``train.secagg_advertise``,
 ``train.secagg_share``, ``train.secagg_masked_input`` (the hospitals train here and send
-masked deltas) and ``train.secagg_unmask``, each one ``grid.send_and_receive``. The
+masked deltas), ``train.secagg_consistency`` (the hospitals sign the survivor set) and
+``train.secagg_unmask``, each one ``grid.send_and_receive``. The
 evaluate phase, the metrics and the :class:`~fedcrypt.report.records.RoundRecord` are the
 same as for the other modes. A hospital that fails or does not answer in time in a stage
 counts as dropped out from there on (the reason is logged and recorded); the protocol
@@ -47,7 +48,8 @@ class SecAggOptions:
     neighbours : int or None
         SecAgg+ neighbour degree; None is the complete graph (default: None).
     threshold : int or None
-        Shamir threshold ``t``; None is ``hospitals // 2 + 1`` (default: None).
+        Shamir threshold ``t``; None is the smallest secure against an active server
+        colluding with one hospital, ``secure_threshold(hospitals)`` (default: None).
     max_examples : int
         Most training examples of one hospital; smaller gives a finer fixed-point scale
         (default: 65,536).
@@ -270,6 +272,8 @@ class SecAggFedAvg(ProtectedFedAvg):
                 requests = server.receive_share(replies)
             elif stage == "masked_input":
                 requests = server.receive_masked_input(replies)
+            elif stage == "consistency":
+                requests = server.receive_consistency(replies)
             else:
                 aggregate = server.receive_unmask(replies)
             server_s += time.perf_counter() - t0

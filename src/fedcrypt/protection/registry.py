@@ -65,8 +65,11 @@ SECAGG = Scheme(
     staged=True,
     layer_selection=False,
     threat=(
-        "the server saw only pairwise-masked updates; it learnt the sum only (or nothing, with "
-        "the consortium group mask)."
+        "the server saw only pairwise-masked updates and learnt at most their sum (nothing, "
+        "with the consortium group mask), even when lying about dropouts or showing hospitals "
+        "different views (signed consistency check). No individual update leaks to a server "
+        "colluding with up to 2t - n - 1 hospitals (the default threshold tolerates one); "
+        "with the group mask the colluders learn the aggregate."
     ),
     stages=STAGES,
 )
