@@ -212,7 +212,7 @@ def _base(setup: SecAggClientSetup, msg: Message, context: Context, *, server_ro
                 raise ProtocolError(
                     f"catch-up skips from round {have.round} to {rnd}: an aggregate is missing"
                 )
-            weights = weights + sec.unprotect(caught[rnd]).mean
+            weights = weights + sec.unprotect_missed(caught[rnd], expected_round=rnd).mean
             have = Held(weights=weights, round=rnd)
         _save(context, sec)
         hold(context, have)

@@ -263,3 +263,19 @@ def test_five_hospitals_one_gone_before_its_masked_input_leaves_four_contributor
     report = run_round(server, c.hospitals, inputs, dropouts={"masked_input": {2}})
     check_against_plain(report, inputs, [0, 1, 3, 4], c.params)
     assert report.result is not None and report.result.num_updates == 4
+
+
+def test_a_missed_aggregate_is_accepted_only_for_the_expected_round() -> None:
+    """A catch-up: after round 2, round 1's aggregate unprotects only as the expected one."""
+    c = make_consortium([1, 2, 3])
+    first = run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P, seed=1))
+    run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P, seed=2))
+    h = c.hospitals[c.ids[0]]
+    with pytest.raises(ReplayError):
+        h.unprotect(first.aggregate)  # older than the newest round it joined
+    with pytest.raises(ReplayError, match="expected round 2"):
+        h.unprotect_missed(first.aggregate, expected_round=2)
+    assert first.result is not None
+    np.testing.assert_array_equal(
+        h.unprotect_missed(first.aggregate, expected_round=1).mean, first.result.mean
+    )

@@ -807,6 +807,34 @@ class SecAggHospital:
         newest = max(self._progress.last_round, self._progress.last_unprotected)
         if claimed < newest:
             raise ReplayError(f"secagg aggregate is for round {claimed}, older than round {newest}")
+        return self._unmask_aggregate(aggregate)
+
+    def unprotect_missed(self, aggregate: bytes, *, expected_round: int) -> AggregateResult:
+        """Unprotect the aggregate of a round this hospital missed (a catch-up).
+
+        A hospital that dropped out of round ``r`` (or was offline) gets round ``r``'s
+        aggregate later, with its next request, and applies the missed mean deltas in
+        order. Unlike :meth:`unprotect` this accepts a round older than the newest it
+        joined, but only the one the caller expects (the round after the global model it
+        holds), so a server cannot make it adopt an aggregate out of order.
+
+        Raises
+        ------
+        ReplayError
+            If the aggregate is not for ``expected_round``.
+        fedcrypt.exceptions.ProtocolError, fedcrypt.exceptions.DecryptionError
+            As :meth:`unprotect`.
+        """
+        header = wire.unpack(aggregate, expect_scheme=SCHEME).header
+        claimed = wire.header_int(header, "round", minimum=1)
+        if claimed != expected_round:
+            raise ReplayError(
+                f"catch-up aggregate is for round {claimed}, this hospital expected round "
+                f"{expected_round}"
+            )
+        return self._unmask_aggregate(aggregate)
+
+    def _unmask_aggregate(self, aggregate: bytes) -> AggregateResult:
         size = self._masker.size if self._masker is not None else 0
         result, info = read_aggregate(
             aggregate,
