@@ -1,7 +1,10 @@
 """Benchmark ``secagg``: upload bytes and hospital seconds per round vs the issue-4 goals.
 
 Runs full in-process rounds (:func:`fedcrypt.protection.secagg.run_round`) between N
-hospitals and a server for a P-parameter update, prints a table and writes JSON.
+hospitals and a server for a P-parameter update, prints a table and writes JSON. The
+round has five stages; the cost of the consistency check (the active-server defence:
+one signature per hospital, up to N signature checks per hospital before unmasking) is
+reported on its own.
 
     python benchmarks/secagg_bench.py                       # 10 hospitals, 2.2 M values
     python benchmarks/secagg_bench.py --hospitals 5 --params 500000 --json out.json
@@ -50,10 +53,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     drops = {"masked_input": set(ids[: args.dropouts])} if args.dropouts else {}
     rounds: list[dict[str, Any]] = []
+    sizes: dict[tuple[str, str], list[int]] = {}
+
+    def measure(stage: str, direction: str, hid: int, msg: bytes) -> bytes:
+        sizes.setdefault((stage, direction), []).append(len(msg))
+        return msg
+
     for r in range(1, args.rounds + 2):  # round 1 is a warm-up (allocations, imports)
         cfg = RoundConfig(round=r, hospital_ids=tuple(ids), vector_size=args.params, params=params)
         t0 = time.perf_counter()
-        rep = run_round(SecAggServer(cfg, registry=registry), hospitals, inputs, dropouts=drops)
+        sizes.clear()
+        server = SecAggServer(cfg, registry=registry)
+        rep = run_round(server, hospitals, inputs, dropouts=drops, intercept=measure)
         wall = time.perf_counter() - t0
         if r == 1:
             continue
@@ -78,6 +89,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     s: statistics.median(rep.hospital_seconds[i][s] for i in present)
                     for s in STAGES
                 },
+                "consistency_seconds_median": statistics.median(
+                    rep.hospital_seconds[i]["consistency"] for i in present
+                ),
+                "consistency_server_seconds": rep.server_seconds["consistency"],
+                "bytes_by_stage_max": {
+                    f"{stage}.{direction}": max(v) for (stage, direction), v in sizes.items()
+                },
+                "consistency_bytes_up": max(sizes[("consistency", "reply")]),
+                "consistency_bytes_down": max(sizes[("consistency", "request")]),
+                "unmask_request_bytes": max(sizes[("unmask", "request")]),
                 "bytes_up_max": max(rep.bytes_up[i] for i in present),
                 "bytes_masked_input": max(rep.masked_bytes.values()),
                 "bytes_down_max": max(rep.bytes_down[i] for i in present),
@@ -152,8 +173,29 @@ def main(argv: list[str] | None = None) -> int:
             f"goal <= {GOAL_PROTECT_SECONDS}: {'OK' if out['goals']['protect_ok'] else 'MISSED'}",
         ),
         ("  of which masked input s", f"{med['masked_input_seconds_median']:.3f}", ""),
+        (
+            "  of which consistency check s",
+            f"{med['consistency_seconds_median']:.4f}",
+            "sign U3 (stage 3)",
+        ),
+        (
+            "consistency stage bytes (down / up)",
+            f"{out['rounds'][0]['consistency_bytes_down']:,} / "
+            f"{out['rounds'][0]['consistency_bytes_up']:,}",
+            "per hospital",
+        ),
+        (
+            "unmask request bytes (U3 + signatures)",
+            f"{out['rounds'][0]['unmask_request_bytes']:,}",
+            "per hospital",
+        ),
         ("hospital unprotect s", f"{med['unprotect_seconds']:.3f}", ""),
         ("server s (all stages)", f"{med['server_seconds']:.3f}", ""),
+        (
+            "  of which consistency stage s",
+            f"{med['consistency_server_seconds']:.4f}",
+            "verify N signatures",
+        ),
         ("round wall s (in process)", f"{med['wall_seconds']:.3f}", ""),
         (
             "max |secagg - plain| / bound",

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/deploy_local.py [--rounds 1] [--clients 3] [--protection ckks] [--keep DIR]
+    python scripts/deploy_local.py [--rounds 1] [--clients 3] [--protection he] [--keep DIR]
 
 Starts a SuperLink and one SuperNode per hospital in a temporary folder, runs the
 ``deploy/`` Flower App to the end, stops every process and prints the result. Exit
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from fedcrypt.exceptions import DeploymentError
-from fedcrypt.federation.deploy_local import deploy_locally
+from fedcrypt.deploy import deploy_locally
 
 APP_DIR = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--protection", default="ckks", choices=["ckks", "plain"])
+    parser.add_argument("--protection", default="he", choices=["he", "plain", "ckks"])
     parser.add_argument("--he-preset", default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")

@@ -21,7 +21,8 @@ def test_defaults_are_the_embedded_he_job() -> None:
         ({"partition": "random"}, "partition"),
         ({"rounds": -1}, "rounds"),
         ({"unknown": 1}, "unknown"),
-        ({"protection": "plain", "encrypt_layers": "last"}, "encrypt-layers"),
+        ({"drop": ["1@x"]}, "drop"),
+        ({"clients": 2, "min_hospitals": 3}, "min-hospitals"),
     ],
 )
 def test_invalid_values_raise_one_line_config_errors(values: dict, match: str) -> None:
@@ -41,3 +42,15 @@ def test_ckks_is_a_deprecated_alias_of_he() -> None:
     with pytest.warns(FutureWarning, match="deprecated"):
         cfg = RunConfig.build(protection="ckks")
     assert cfg.protection == "he"
+
+
+def test_encrypt_layers_only_with_a_layer_selecting_mode() -> None:
+    from fedcrypt.federation.simulation import prepare_run
+
+    with pytest.raises(ConfigError, match="encrypt-layers"):
+        prepare_run(RunConfig.build(protection="plain", encrypt_layers="last"))
+
+
+def test_drop_specs_round_trip_through_flower() -> None:
+    cfg = RunConfig.build(drop=["1@2", "0@1:masked_input"], protection="secagg")
+    assert RunConfig.from_flower(cfg.to_flower()).drop == ("1@2", "0@1:masked_input")

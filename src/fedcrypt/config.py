@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ DEFAULT_MODEL = {"tabular": "mlp", "image": "cnn"}
 #: Adam learning rate used when ``--lr`` is not given, by model.
 DEFAULT_LR = {"mlp": 1e-2, "cnn": 1e-3, "mobilenetv2": 1e-3}
 EMBEDDED_DATASET = "wdbc"
+_DROP = re.compile(r"^\d+@\d+(:[a-z_]+)?$")
 
 
 class RunConfig(BaseModel):
@@ -67,6 +69,27 @@ class RunConfig(BaseModel):
         MobileNetV2 width multiplier (default: 1.0).
     weights : Path or None
         A ``state_dict`` file to start from (default: None, random initialisation).
+    task : str or None
+        A task reference, ``FILE.py:NAME`` or ``package.module:NAME`` (see
+        :func:`fedcrypt.task.load_task`); None uses the built-in task named by
+        ``dataset``/``model`` (default: None).
+    image_size : int or None
+        Side in pixels images are resized to; None uses the model's native size
+        (default: None).
+    device : {"auto", "cpu", "cuda"}
+        Where hospitals train: ``auto`` picks CUDA when available (default: ``auto``).
+    min_hospitals : int or None
+        Quorum ``K``: a round proceeds with the hospitals that answered within
+        ``round_timeout``, provided at least ``K`` did; None means all of the round's
+        hospitals (default: None).
+    round_timeout : float
+        Seconds the server waits for the hospitals' replies in each exchange
+        (default: 3600).
+    fraction : float
+        Share of the hospitals invited to each round, chosen with the run seed; at least
+        ``min_hospitals`` are invited (default: 1.0, all).
+    drop : tuple of str
+        Simulated dropouts ``ID@ROUND[:STAGE]`` (tests and demonstrations; default: none).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,6 +113,26 @@ class RunConfig(BaseModel):
     encrypt_layers: str = "all"
     width_mult: float = Field(default=1.0, gt=0, le=4)
     weights: Path | None = None
+    task: str | None = Field(default=None, min_length=3, max_length=4096)
+    image_size: int | None = Field(default=None, ge=8, le=4096)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_hospitals: int | None = Field(default=None, ge=1, le=100)
+    round_timeout: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    drop: tuple[str, ...] = ()
+
+    @field_validator("drop", mode="before")
+    @classmethod
+    def _drop(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        out = []
+        for spec in value or ():
+            spec = str(spec).strip()
+            if not _DROP.match(spec):
+                raise ValueError(f"{spec!r} is not ID@ROUND[:STAGE] (e.g. 2@1:masked_input)")
+            out.append(spec)
+        return tuple(out)
 
     @field_validator("dataset")
     @classmethod
@@ -97,7 +140,8 @@ class RunConfig(BaseModel):
         value = value.strip()
         if not value:
             raise ValueError("dataset must not be empty")
-        return value if value.endswith(".npz") else value.lower()
+        is_name = value.replace("_", "").replace("-", "").isalnum()
+        return value.lower() if is_name else value
 
     @field_validator("protection", mode="before")
     @classmethod
@@ -114,8 +158,10 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.protection != "he" and self.encrypt_layers != "all":
-            raise ValueError("--encrypt-layers applies only to --protection he")
+        if self.min_hospitals is not None and self.min_hospitals > self.clients:
+            raise ValueError(
+                f"--min-hospitals {self.min_hospitals} exceeds the {self.clients} hospitals"
+            )
         return self
 
     @classmethod
@@ -138,6 +184,8 @@ class RunConfig(BaseModel):
         """Flatten into a Flower ``run_config`` (scalars only; None becomes "")."""
         out: dict[str, str | int | float | bool] = {}
         for key, value in self.model_dump().items():
+            if isinstance(value, tuple | list):
+                value = ",".join(str(v) for v in value)
             out[key.replace("_", "-")] = (
                 "" if value is None else (str(value) if isinstance(value, Path) else value)
             )

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fedcrypt.exceptions import TaskError
+from fedcrypt.exceptions import FedcryptError, TaskError
 
 if TYPE_CHECKING:
     import torch
@@ -131,6 +131,8 @@ class Task:
         probabilities or ``(N, K)`` label probabilities, ``loss`` a float.
     lr : float or None
         The task's default learning rate (default: None: 1e-3).
+    model_name : str or None
+        The model's name in records (default: None: the model's class name).
     description : str
         One line for reports (default: empty).
     """
@@ -144,6 +146,7 @@ class Task:
     train: Callable[..., float] | None = None
     evaluate: Callable[..., Any] | None = None
     lr: float | None = None
+    model_name: str | None = None
     description: str = ""
     _reference: str | None = field(default=None, repr=False, compare=False)
 
@@ -325,11 +328,31 @@ def _first(ds: Any, what: str, task: str) -> tuple[Any, Any]:
     return item[0], item[1]
 
 
-def inspect_task(task: Task, *, num_hospitals: int, seed: int) -> TaskInfo:
-    """Check a task before any round starts, on hospital 0's data; say what is wrong.
+def inspect_task(
+    task: Task,
+    *,
+    num_hospitals: int,
+    seed: int,
+    hospital: int = 0,
+    model: nn.Module | None = None,
+    data: HospitalDatasets | None = None,
+) -> TaskInfo:
+    """Check a task before any round starts, on one hospital's data; say what is wrong.
 
-    Builds the model (seeded), loads hospital 0's datasets, reads their first examples
-    and runs the model on a batch of two.
+    Builds the model (seeded), loads the hospital's datasets (or takes ``model`` and
+    ``data`` already built), reads their first examples and runs the model on a batch of
+    two.
+
+    Parameters
+    ----------
+    task : Task
+        The task.
+    num_hospitals, seed : int
+        Passed to ``task.datasets``.
+    hospital : int
+        Whose data to inspect (default: 0).
+    model, data : optional
+        Already built by the caller (so nothing is built twice).
 
     Raises
     ------
@@ -343,24 +366,26 @@ def inspect_task(task: Task, *, num_hospitals: int, seed: int) -> TaskInfo:
     from torch import nn
 
     name = task.name
-    torch.manual_seed(seed)
-    try:
-        model = task.model()
-    except TaskError:
-        raise
-    except Exception as exc:
-        raise TaskError(f"task {name!r}: model() failed: {type(exc).__name__}: {exc}") from None
+    if model is None:
+        torch.manual_seed(seed)
+        try:
+            model = task.model()
+        except FedcryptError:
+            raise
+        except Exception as exc:
+            raise TaskError(f"task {name!r}: model() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise TaskError(f"task {name!r}: model() returned {type(model).__name__}, not nn.Module")
-    try:
-        data = task.datasets(0, num_hospitals, seed)
-    except TaskError:
-        raise
-    except Exception as exc:
-        raise TaskError(
-            f"task {name!r}: datasets(0, {num_hospitals}, {seed}) failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+    if data is None:
+        try:
+            data = task.datasets(hospital, num_hospitals, seed)
+        except FedcryptError:
+            raise
+        except Exception as exc:
+            raise TaskError(
+                f"task {name!r}: datasets({hospital}, {num_hospitals}, {seed}) failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
     if not isinstance(data, HospitalDatasets):
         raise TaskError(
             f"task {name!r}: datasets() returned {type(data).__name__}, not HospitalDatasets"
@@ -390,6 +415,9 @@ def inspect_task(task: Task, *, num_hospitals: int, seed: int) -> TaskInfo:
     was = model.training
     model.eval()
     try:
+        param = next(model.parameters(), None)
+        if param is not None:
+            batch = batch.to(param.device)
         with torch.no_grad():
             out = model(batch)
     except Exception as exc:
@@ -448,7 +476,7 @@ def inspect_task(task: Task, *, num_hospitals: int, seed: int) -> TaskInfo:
         label_kind=kind,
         num_outputs=width,
         input_shape=tuple(int(d) for d in x.shape),
-        model_name=type(model).__name__,
+        model_name=task.model_name or type(model).__name__,
         num_parameters=sum(int(t.numel()) for t in model.state_dict().values()),
         class_names=names,
     )

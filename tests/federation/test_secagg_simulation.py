@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fedcrypt.config import RunConfig
-from fedcrypt.federation.hospital import _dataset
 from fedcrypt.federation.secagg_flow import SecAggOptions
 from fedcrypt.federation.simulation import run_simulation
 from fedcrypt.protection.secagg import TooFewSurvivorsError
+from fedcrypt.tasks.builtin import _dataset
 from fedcrypt.tasks.data.hospital import hospital_data
 
 pytestmark = pytest.mark.slow
@@ -100,3 +100,15 @@ def test_simulate_refuses_secagg_with_one_hospital(
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 2 hospitals" in err
+
+
+def test_a_hospital_dropped_before_masking_rejoins_next_round(tmp_path: Path) -> None:
+    """``--drop 2@1:masked_input`` with 5 hospitals: 4 contributors, then all 5 again."""
+    cfg = RunConfig.build(
+        protection="secagg", rounds=2, clients=5, seed=7, drop=["2@1:masked_input"]
+    )
+    record = run_simulation(cfg, run_dir=tmp_path / "run")
+    assert [r.clients for r in record.rounds] == [4, 5]
+    assert record.rounds[0].contributors == [0, 1, 3, 4]
+    assert "masked_input" in record.rounds[0].dropped["2"]
+    assert record.rounds[1].evaluated == 5  # hospital 2 caught up from round 1's aggregate

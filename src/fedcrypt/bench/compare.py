@@ -112,7 +112,7 @@ def _fedcrypt_run(cfg: RunConfig, run_dir: Path, res: Result) -> None:
                 "round": r["round"],
                 "bytes_up": r["bytes_up_per_client"],
                 "bytes_down": r["bytes_down_per_client"],
-                "protect_seconds": r["encrypt_seconds"],
+                "protect_seconds": r["protect_seconds"],
                 "aggregate_seconds": r["aggregate_seconds"],
                 "wall_seconds": r["seconds"],
                 "accuracy": r["accuracy"],
@@ -300,15 +300,14 @@ def _flower_apps(cfg: RunConfig, log_path: Path) -> tuple[Any, Any, dict[str, An
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-    from fedcrypt.federation.app import HospitalSetup
-    from fedcrypt.federation.hospital import initial_payload
-    from fedcrypt.protection.flatten import flatten
-    from fedcrypt.protection.plain import PlainHospital
+    from fedcrypt.federation.client import SiteSetup
+    from fedcrypt.site import LocalSite, task_for
 
-    initial, layout = initial_payload(cfg)
-    init_vec = PlainHospital().unprotect(initial).mean.astype(np.float32)
-    setup = HospitalSetup(config=cfg, torch_threads=1)
-    stats: dict[str, Any] = {"rounds": {}, "parameters": layout.size}
+    site0 = LocalSite(task_for(cfg), config=cfg, hospital=0, num_hospitals=cfg.clients)
+    init_vec = site0.initial.astype(np.float32)
+    setup = SiteSetup(config=cfg, torch_threads=1)
+    stats: dict[str, Any] = {"rounds": {}, "parameters": site0.layout.size}
+    del site0
 
     def _record(kind: str, **values: float) -> None:
         with log_path.open("a") as fh:
@@ -316,18 +315,21 @@ def _flower_apps(cfg: RunConfig, log_path: Path) -> tuple[Any, Any, dict[str, An
 
     class _Client(NumPyClient):
         def __init__(self, context: Context) -> None:
-            self.hospital = setup.hospital(context)
+            self.site = setup.site(context)
 
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
             vec = np.asarray(parameters[0], dtype=np.float64)
             rnd = int(config.get("server-round", 1))
-            metrics = self.hospital.train_from(vec, server_round=rnd)
-            trained = flatten(self.hospital.model.state_dict()).astype(np.float32)
-            return [trained], self.hospital.data.num_train, {"train-loss": metrics["train-loss"]}
+            weights, metrics = self.site.train_round(vec, server_round=rnd)
+            return (
+                [weights.astype(np.float32)],
+                self.site.num_train,
+                {"train-loss": metrics["train-loss"]},
+            )
 
         def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
             vec = np.asarray(parameters[0], dtype=np.float64)
-            metrics, _ = self.hospital.evaluate_weights(vec)
+            metrics, _ = self.site.evaluate(vec)
             n = int(metrics.get("test-examples", 1))
             return (
                 float(metrics.get("test-loss", 0.0)),
@@ -418,12 +420,12 @@ def _flower_run(cfg: RunConfig, run_dir: Path, res: Result) -> None:
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fedcrypt.exceptions import AggregationError
-    from fedcrypt.federation.simulation import _quiet_environment
+    from fedcrypt.federation.simulation import quiet_environment
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "flower-mods.jsonl"
     log_path.unlink(missing_ok=True)
-    _quiet_environment(False)
+    quiet_environment(False)
     server_app, client_app, stats = _flower_apps(cfg, log_path)
     res.parameters = int(stats["parameters"])
     backend = {

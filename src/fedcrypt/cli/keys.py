@@ -1,4 +1,4 @@
-"""``fedcrypt keys``: generate and inspect CKKS key files (owned by the CKKS work)."""
+"""``fedcrypt keys``: generate and inspect key files (HE key pairs, secagg consortia)."""
 
 from __future__ import annotations
 
@@ -9,36 +9,110 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedcrypt.exceptions import ConfigError
 from fedcrypt.protection.he import keys as keyfiles
 from fedcrypt.protection.he.params import DEFAULT_PRESET, PRESETS
+from fedcrypt.protection.secagg import keys as secagg_keys
 
-app = typer.Typer(help="Generate and inspect CKKS key files.", no_args_is_help=True)
+app = typer.Typer(help="Generate and inspect key files.", no_args_is_help=True)
 
 _console = Console(highlight=False)
 
 
 @app.command("generate")
 def generate(
-    out: Annotated[Path, typer.Option("--out", help="Directory for hospital.key and server.key.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the key files.")],
+    protection: Annotated[
+        str,
+        typer.Option(
+            "--protection",
+            help=(
+                "he: hospital.key + server.key (one HE key pair); secagg: a consortium's "
+                "identity keys, group-mask key and public registry."
+            ),
+        ),
+    ] = "he",
     he_preset: Annotated[
         str,
         typer.Option(
             "--he-preset",
             help=(
-                f"CKKS parameter preset: {', '.join(PRESETS)}, or custom:N:b1,b2,...:scale_bits "
-                "(refused unless it meets 128-bit security)."
+                f"HE parameter preset: {', '.join(PRESETS)}, or custom:N:b1,b2,...:scale_bits "
+                "(refused unless it meets 128-bit security). --protection he only."
             ),
         ),
     ] = DEFAULT_PRESET,
+    hospitals: Annotated[
+        int | None,
+        typer.Option(
+            "--hospitals",
+            min=2,
+            max=secagg_keys.MAX_HOSPITALS,
+            help="Number of hospitals (ids 0..N-1 = their partition ids). --protection secagg.",
+        ),
+    ] = None,
+    group_mask: Annotated[
+        bool,
+        typer.Option(
+            "--group-mask/--no-group-mask",
+            help="Generate the consortium group-mask key (the server then cannot read the "
+            "aggregate). --protection secagg.",
+        ),
+    ] = True,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
 ) -> None:
-    """Write a hospital key file (secret key, mode 0600) and a server key file (public)."""
+    """Write the key files a protection mode needs, and say who holds which.
+
+    he: hospital.key (secret key, 0600) for the hospitals, server.key (public) for the server.
+
+    secagg: hospital-<id>.key each (0600), group-mask.key (hospitals, 0600), registry.pub (all).
+    """
+    mode = protection.strip().lower()
+    if mode == "secagg":
+        _generate_secagg(out, hospitals=hospitals, group_mask=group_mask, force=force)
+        return
+    if mode not in ("he", "ckks"):
+        raise ConfigError(f"--protection must be he or secagg for key files, got {protection!r}")
+    if hospitals is not None:
+        raise ConfigError("--hospitals applies to --protection secagg only")
     hospital, server = keyfiles.write_key_files(out, preset=he_preset, overwrite=force)
     info = keyfiles.read_info(server)
     _console.print(f"preset       {info.preset.name}")
     _console.print(f"fingerprint  {info.fingerprint}")
     _console.print(f"hospital key {hospital}  (secret key, mode 0600: copy only to hospitals)")
     _console.print(f"server key   {server}  (public: parameters only, for the aggregator)")
+
+
+def _generate_secagg(out: Path, *, hospitals: int | None, group_mask: bool, force: bool) -> None:
+    if hospitals is None:
+        raise ConfigError("--protection secagg needs --hospitals N (the consortium's size)")
+    files = secagg_keys.write_consortium(
+        out, hospitals=hospitals, group_mask=group_mask, overwrite=force
+    )
+    table = Table(title=f"secagg consortium of {hospitals} hospitals: who holds what")
+    for col in ("file", "holds", "secret", "give to"):
+        table.add_column(col, overflow="fold")
+    for hid, path in files.identities.items():
+        table.add_row(
+            str(path),
+            f"hospital {hid}'s Ed25519 identity key",
+            "yes (0600)",
+            f"hospital {hid} only",
+        )
+    if files.group_mask is not None:
+        table.add_row(
+            str(files.group_mask),
+            "the consortium group-mask key",
+            "yes (0600)",
+            "every hospital, never the server",
+        )
+    table.add_row(
+        str(files.registry), "every hospital's public key", "no", "the server and every hospital"
+    )
+    _console.print(table)
+    _console.print(f"registry fingerprint {files.fingerprint} (compare it between sites)")
+    if files.group_mask is None:
+        _console.print("group mask OFF: the server will learn each round's aggregate")
 
 
 @app.command("info")

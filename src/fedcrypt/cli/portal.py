@@ -43,7 +43,8 @@ Token = Annotated[
 ]
 FedRef = Annotated[str, typer.Argument(help="Federation id or name.")]
 RoundOpt = Annotated[
-    int | None, typer.Option("--round", "-r", help="Round number [default: the current round].")
+    int | None,
+    typer.Option("--round", "-r", help="Round number.", show_default="the current round"),
 ]
 
 
@@ -87,7 +88,7 @@ def serve(
     db: Annotated[
         str | None,
         typer.Option(
-            "--db", help="SQLAlchemy database URL [default: sqlite:///DATA_DIR/portal.db]."
+            "--db", help="SQLAlchemy database URL.", show_default="sqlite:///DATA_DIR/portal.db"
         ),
     ] = None,
     data_dir: Annotated[
@@ -168,7 +169,7 @@ def serve(
 def set_password(
     email: Annotated[str, typer.Option("--email", help="The account (admin or hospital).")],
     db: Annotated[
-        str | None, typer.Option("--db", help="SQLAlchemy URL [default: DATA_DIR/portal.db].")
+        str | None, typer.Option("--db", help="SQLAlchemy URL.", show_default="DATA_DIR/portal.db")
     ] = None,
     data_dir: Annotated[Path, typer.Option("--data-dir", help="The portal's data folder.")] = Path(
         "portal-data"
@@ -568,7 +569,7 @@ def participate(
     federation: FedRef,
     rounds: Annotated[int, typer.Option(help="Rounds to take part in.")] = 1,
     dataset: Annotated[
-        str, typer.Option(help="wdbc, breastmnist, pneumoniamnist or a .npz path.")
+        str, typer.Option(help="Built-in task: wdbc, breastmnist, pneumoniamnist or a .npz path.")
     ] = "wdbc",
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Folder of MedMNIST .npz files.")
@@ -583,11 +584,18 @@ def participate(
     seed: Annotated[int, typer.Option(help="Seed of partition and training.")] = 0,
     epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs per round.")] = 1,
     lr: Annotated[
-        float | None, typer.Option(help="Adam learning rate [default: by model].")
+        float | None, typer.Option(help="Adam learning rate.", show_default="by model")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 32,
     key: Annotated[
-        Path | None, typer.Option("--key", help="ckks: your hospital.key (secret).")
+        Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="Your own task: FILE.py:NAME or package.module:NAME (replaces --dataset).",
+        ),
     ] = None,
     eval_split: Annotated[str, typer.Option("--eval-split", help="val (local) or test.")] = "val",
     out: Annotated[
@@ -608,6 +616,7 @@ def participate(
         raise ConfigError(f"--eval-split must be val or test, got {eval_split!r}")
     config = ParticipationConfig(
         dataset=dataset,
+        task=task,
         data_dir=data_dir,
         client_id=client_id,
         num_clients=num_clients,

@@ -2,41 +2,44 @@
 
 Message types (``<category>.<action>``, routed by Flower's ``ClientApp``):
 
-* ``query.secagg_identify`` → this node's hospital id (its ``partition-id``);
-* ``train.secagg_advertise``, ``train.secagg_share``, ``train.secagg_unmask`` → one
-  protocol stage each (:class:`~fedcrypt.protection.secagg.SecAggHospital`);
-* ``train.secagg_masked_input`` → load the global model, train locally, send the masked
-  *delta* (local − global) weighted by the example count;
+* ``query.fedcrypt_hello`` → this hospital's id, model size and initial-weights digest
+  (as for every mode, :func:`fedcrypt.federation.client.hello`);
+* ``train.secagg_advertise``, ``train.secagg_share``, ``train.secagg_consistency``,
+  ``train.secagg_unmask`` → one protocol stage each
+  (:class:`~fedcrypt.protection.secagg.SecAggHospital`);
+* ``train.secagg_masked_input`` → train locally from the global model it holds (round 1:
+  the initial model it built; a hospital that missed aggregates gets them in the message,
+  as a catch-up) and send the masked *delta* (local − global) weighted by the example
+  count;
 * ``evaluate`` → remove the group mask from the aggregate, add the mean delta to the
   global model this hospital holds, evaluate (as every other protection mode).
 
 A ``ClientApp`` is stateless between messages (in simulation a node's messages may run
 in different worker processes), so the round state (:meth:`SecAggHospital.export_state`,
 SECRET) and the global model the hospital holds live in the node-local
-``context.state``; they are never sent.
+``context.state`` (:mod:`fedcrypt.federation.held`); they are never sent.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from numpy.typing import NDArray
 
 from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import ProtocolError
-from fedcrypt.federation.app import HospitalSetup
-from fedcrypt.federation.hospital import Hospital
+from fedcrypt.federation.client import HELLO, SiteSetup, catch_up_payload, hello
+from fedcrypt.federation.drops import Drop
+from fedcrypt.federation.held import Held, held, hold
 from fedcrypt.federation.records import blob_from, blob_record
-from fedcrypt.protection.flatten import flatten
-from fedcrypt.protection.plain import PlainHospital
 from fedcrypt.protection.secagg import SecAggHospital, SecAggParams
+from fedcrypt.site import LocalSite
+from fedcrypt.task import Task
 
 #: ``context.state`` key of this hospital's secagg record (round state, held global).
 STATE_KEY = "fedcrypt-secagg"
@@ -45,9 +48,9 @@ ACTIONS = {
     "advertise": "secagg_advertise",
     "share": "secagg_share",
     "masked_input": "secagg_masked_input",
+    "consistency": "secagg_consistency",
     "unmask": "secagg_unmask",
 }
-IDENTIFY = "query.secagg_identify"
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class SecAggClientSetup:
     Parameters
     ----------
     config : RunConfig
-        The run (``protection == "secagg"``).
+        The run (a staged protection mode).
     params : SecAggParams
         The consortium's secagg parameters (identical at the server).
     keys : SecAggKeys
@@ -105,6 +108,10 @@ class SecAggClientSetup:
         Where hospital 0 writes the final ``model.pt``.
     torch_threads : int, optional
         Torch threads per hospital process.
+    drops : sequence of Drop
+        Simulated dropouts (``--drop``).
+    task : Task, optional
+        A task object (see :class:`~fedcrypt.federation.client.SiteSetup`).
     """
 
     config: RunConfig
@@ -112,29 +119,30 @@ class SecAggClientSetup:
     keys: SecAggKeys
     output_dir: Path | None = None
     torch_threads: int | None = None
-    _plain: HospitalSetup = field(init=False, repr=False, compare=False)
+    drops: Sequence[Drop] = field(default_factory=tuple)
+    task: Task | None = None
+    sites: SiteSetup = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The training side is a plain Hospital (data, model, train/assess); the secagg
-        # protection wraps it here.
-        plain = self.config.model_copy(update={"protection": "plain"})
         object.__setattr__(
             self,
-            "_plain",
-            HospitalSetup(
-                config=plain,
+            "sites",
+            SiteSetup(
+                config=self.config,
                 output_dir=self.output_dir,
                 torch_threads=self.torch_threads,
+                drops=tuple(self.drops),
+                task=self.task,
             ),
         )
 
-    def hospital(self, context: Context) -> Hospital:
-        """This node's training :class:`Hospital` (cached per process and partition)."""
-        return self._plain.hospital(context)
+    def site(self, context: Context) -> LocalSite:
+        """This node's :class:`~fedcrypt.site.LocalSite` (cached per process and node)."""
+        return self.sites.site(context)
 
     def hospital_id(self, context: Context) -> int:
         """This node's hospital id: its ``partition-id``."""
-        return int(context.node_config["partition-id"])
+        return self.sites.node(context)[0]
 
     def secagg(self, context: Context) -> SecAggHospital:
         """This node's :class:`SecAggHospital`, continuing the state kept in ``context``.
@@ -173,21 +181,6 @@ def _save(context: Context, hospital: SecAggHospital) -> None:
     _record(context)["state"] = hospital.export_state()
 
 
-def held_global(context: Context) -> tuple[NDArray[np.float64] | None, int]:
-    """The global model this hospital holds (float64, shape ``(P,)``) and its round."""
-    rec = _record(context)
-    data = rec.get("global")
-    if not isinstance(data, bytes):
-        return None, -1
-    return np.frombuffer(data, dtype="<f8").copy(), int(rec.get("global-round", -1))  # type: ignore[arg-type]
-
-
-def _hold(context: Context, vector: NDArray[np.float64], round_: int) -> None:
-    rec = _record(context)
-    rec["global"] = np.ascontiguousarray(vector, dtype="<f8").tobytes()
-    rec["global-round"] = round_
-
-
 def _reply(msg: Message, blob: bytes, metrics: Mapping[str, float]) -> Message:
     content = RecordDict({"arrays": blob_record(blob), "metrics": MetricRecord(dict(metrics))})
     return Message(content=content, reply_to=msg)
@@ -197,39 +190,55 @@ def _server_round(msg: Message) -> int:
     return int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
 
 
-def masked_input(setup: SecAggClientSetup, msg: Message, context: Context) -> Message:
-    """Train from the held global model and answer the masked-input stage with the delta.
+def _base(setup: SecAggClientSetup, msg: Message, context: Context, *, server_round: int) -> Held:
+    """The global model round ``server_round`` trains from: initial, held, or caught up.
 
-    Round 1 carries the initial (public) weights in ``global``; later rounds use the
-    global model this hospital rebuilt when it evaluated the previous aggregate.
+    Secagg aggregates are mean *deltas*: a hospital that missed rounds gets every missed
+    aggregate (a catch-up) and applies them in order to the model it holds.
 
     Raises
     ------
     fedcrypt.exceptions.ProtocolError
-        If the hospital does not hold the previous round's global model.
+        If the hospital cannot rebuild round ``server_round - 1``'s global model.
     """
+    site = setup.site(context)
+    have = held(context) or Held(weights=site.initial, round=0)
+    caught = catch_up_payload(msg)
+    if caught:
+        sec = setup.secagg(context)
+        weights = have.weights
+        for rnd in sorted(r for r in caught if r > have.round):
+            if rnd != have.round + 1:
+                raise ProtocolError(
+                    f"catch-up skips from round {have.round} to {rnd}: an aggregate is missing"
+                )
+            weights = weights + sec.unprotect_missed(caught[rnd], expected_round=rnd).mean
+            have = Held(weights=weights, round=rnd)
+        _save(context, sec)
+        hold(context, have)
+    if have.round != server_round - 1:
+        raise ProtocolError(
+            f"hospital {site.hospital} holds the global model of round {have.round}; "
+            f"round {server_round} needs round {server_round - 1}'s and the server sent none"
+        )
+    return have
+
+
+def masked_input(setup: SecAggClientSetup, msg: Message, context: Context) -> Message:
+    """Train from the held global model and answer the masked-input stage with the delta."""
     rnd = _server_round(msg)
+    setup.sites.check_online(context, server_round=rnd, stage="masked_input")
     request = blob_from(msg.content.array_records.get("arrays"))
-    hospital = setup.hospital(context)
-    if "global" in msg.content.array_records:
-        base = PlainHospital().unprotect(blob_from(msg.content.array_records["global"])).mean
-    else:
-        held_base, held = held_global(context)
-        if held_base is None or held != rnd - 1:
-            raise ProtocolError(
-                f"hospital holds the global model of round {held}, round {rnd} needs "
-                f"round {rnd - 1}'s: it missed an aggregate"
-            )
-        base = held_base
-    # train exactly as the plain/ckks path does (same seeds), from the held weights
-    train_metrics = hospital.train_from(base, server_round=rnd)
-    delta = flatten(hospital.model.state_dict()) - base
+    site = setup.site(context)
+    base = _base(setup, msg, context, server_round=rnd)
+    # train exactly as the plain/he path does (same seeds), from the held weights
+    weights, train_metrics = site.train_round(base.weights, server_round=rnd)
+    delta = weights - base.weights
     sec = setup.secagg(context)
     t0 = time.perf_counter()
-    reply = sec.stage_masked_input(request, update=delta, num_examples=hospital.data.num_train)
+    reply = sec.stage_masked_input(request, update=delta, num_examples=site.num_train)
     seconds = time.perf_counter() - t0
     _save(context, sec)
-    _hold(context, base, rnd - 1)
     # num-examples stays secret (it is masked with the update): no example count here
     return _reply(
         msg,
@@ -254,23 +263,25 @@ def evaluate(setup: SecAggClientSetup, msg: Message, context: Context) -> Messag
     """
     cfg = msg.content.config_records["config"]
     rnd = int(cfg["server-round"])  # type: ignore[arg-type]
+    setup.sites.check_online(context, server_round=rnd, stage="evaluate")
     aggregate = blob_from(msg.content.array_records.get("arrays"))
-    hospital = setup.hospital(context)
-    base, held = held_global(context)
-    if base is None or held != rnd - 1:
+    site = setup.site(context)
+    base = held(context) or Held(weights=site.initial, round=0)
+    if base.round != rnd - 1:
         raise ProtocolError(
-            f"hospital holds the global model of round {held}; the round-{rnd} aggregate "
-            f"applies to round {rnd - 1}'s"
+            f"hospital holds the global model of round {base.round}; the round-{rnd} "
+            f"aggregate applies to round {rnd - 1}'s"
         )
     sec = setup.secagg(context)
     t0 = time.perf_counter()
     result = sec.unprotect(aggregate)
-    new_global = base + result.mean
+    new_global = base.weights + result.mean
     unprotect_s = time.perf_counter() - t0
     _save(context, sec)
-    _hold(context, new_global, rnd)
-    metrics, curves = hospital.evaluate_weights(new_global, final=bool(cfg.get("final", False)))
+    hold(context, Held(weights=new_global, round=rnd))
+    metrics, curves = site.evaluate(new_global, final=bool(cfg.get("final", False)))
     metrics["unprotect-seconds"] = unprotect_s
+    metrics["hospital-id"] = float(site.hospital)
     return Message(
         content=RecordDict({"metrics": MetricRecord({**metrics, **curves})}),
         reply_to=msg,
@@ -278,18 +289,16 @@ def evaluate(setup: SecAggClientSetup, msg: Message, context: Context) -> Messag
 
 
 def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
-    """A ClientApp answering the four secagg stages, and ``evaluate``, for ``setup``."""
+    """A ClientApp answering the hello, the secagg stages and ``evaluate``, for ``setup``."""
     app = ClientApp()
 
-    @app.query(IDENTIFY.split(".", 1)[1])
-    def _identify(msg: Message, context: Context) -> Message:
-        hid = setup.hospital_id(context)
-        return Message(
-            content=RecordDict({"config": ConfigRecord({"hospital-id": hid})}), reply_to=msg
-        )
+    @app.query(HELLO.split(".", 1)[1])
+    def _hello(msg: Message, context: Context) -> Message:
+        return hello(setup.sites, msg, context)
 
     def _stage(stage: str):  # type: ignore[no-untyped-def]
         def handler(msg: Message, context: Context) -> Message:
+            setup.sites.check_online(context, server_round=_server_round(msg), stage=stage)
             request = blob_from(msg.content.array_records.get("arrays"))
             sec = setup.secagg(context)
             t0 = time.perf_counter()
@@ -297,6 +306,8 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
                 reply = sec.stage_advertise(request)
             elif stage == "share":
                 reply = sec.stage_share(request)
+            elif stage == "consistency":
+                reply = sec.stage_consistency(request)
             else:
                 reply = sec.stage_unmask(request)
             seconds = time.perf_counter() - t0
@@ -305,7 +316,7 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
 
         return handler
 
-    for stage in ("advertise", "share", "unmask"):
+    for stage in ("advertise", "share", "consistency", "unmask"):
         app.train(ACTIONS[stage])(_stage(stage))
 
     @app.train(ACTIONS["masked_input"])

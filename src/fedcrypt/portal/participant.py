@@ -10,19 +10,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
 
-from fedcrypt.config import DEFAULT_LR
+from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import ConfigError, KeyMaterialError
 from fedcrypt.portal.client import PortalClient, PortalClientError
 from fedcrypt.portal.schemas import FederationPublic, RoundPublic
 from fedcrypt.protection.base import HospitalProtection
-from fedcrypt.protection.flatten import Layout, flatten, unflatten
+from fedcrypt.protection.flatten import flatten
 from fedcrypt.protection.registry import get_scheme
-from fedcrypt.tasks.data.datasets import load_dataset
-from fedcrypt.tasks.data.hospital import hospital_data
-from fedcrypt.tasks.models import create_model, load_weights
-from fedcrypt.training import evaluate, train
+from fedcrypt.site import LocalSite, task_for
+from fedcrypt.tasks.models import load_weights
 
 EventHook = Callable[[str], None]
 T = TypeVar("T")
@@ -53,7 +52,10 @@ class ParticipationConfig:
     Attributes
     ----------
     dataset : str
-        ``wdbc``, ``breastmnist``, ``pneumoniamnist`` or a MedMNIST ``.npz`` path.
+        ``wdbc``, ``breastmnist``, ``pneumoniamnist`` or a MedMNIST ``.npz`` path (the
+        built-in task; ignored with ``task``).
+    task : str or None
+        This hospital's task reference (``FILE.py:NAME`` or ``package.module:NAME``).
     data_dir : pathlib.Path or None
         Folder with the MedMNIST ``.npz`` files.
     client_id, num_clients : int
@@ -84,6 +86,7 @@ class ParticipationConfig:
     """
 
     dataset: str = "wdbc"
+    task: str | None = None
     data_dir: Path | None = None
     client_id: int = 0
     num_clients: int = 1
@@ -98,6 +101,24 @@ class ParticipationConfig:
     eval_split: Literal["val", "test"] = "val"
     poll_s: float = 2.0
     timeout_s: float = 3600.0
+
+    def run_config(self, *, model: str | None) -> RunConfig:
+        """The :class:`RunConfig` of this hospital's local training (seeds, lr, data)."""
+        return RunConfig.build(
+            task=self.task,
+            dataset=self.dataset,
+            data_dir=self.data_dir,
+            model=None if self.task else model,
+            clients=self.num_clients,
+            partition=self.partition,
+            alpha=self.alpha,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            batch_size=self.batch_size,
+            local_epochs=self.epochs,
+            lr=self.lr,
+            protection="plain",
+        )
 
 
 @dataclass(frozen=True)
@@ -197,57 +218,45 @@ def participate(
     prot = _protection(fed, config.key_file)
     start = _current_round(client.rounds(fed.id), fed)
 
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
-    data = hospital_data(
-        dataset,
-        client_id=config.client_id,
-        num_clients=config.num_clients,
-        partition=config.partition,
-        alpha=config.alpha,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        batch_size=config.batch_size,
+    run_config = config.run_config(model=fed.model)
+    site = LocalSite(
+        task_for(run_config),
+        config=run_config,
+        hospital=config.client_id,
+        num_hospitals=config.num_clients,
+        protection=prot,
     )
-    eval_loader = data.val if config.eval_split == "val" and data.num_val > 0 else data.test
-    model = create_model(
-        fed.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes
-    )
-    layout = Layout.of(model.state_dict())
-    if fed.model_size is not None and layout.size != fed.model_size:
+    if fed.model_size is not None and site.layout.size != fed.model_size:
         raise ConfigError(
-            f"model {fed.model!r} on {config.dataset} has {layout.size} values but the "
-            f"federation's model has {fed.model_size}: check --dataset"
+            f"model {fed.model!r} on {config.task or config.dataset} has {site.layout.size} "
+            f"values but the federation's model has {fed.model_size}: check --dataset/--task"
         )
-    lr = config.lr if config.lr is not None else DEFAULT_LR.get(fed.model, 1e-3)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if start == 1:
         path = out_dir / "initial.pt"
         client.download_initial_model(fed.id, path)
-        load_weights(model, path, name=fed.model)
-        say(f"round 1: loaded the initial model ({layout.size} values)")
+        vector = _state_vector(path, site)
+        say(f"round 1: loaded the initial model ({site.layout.size} values)")
     else:
         path = out_dir / f"round-{start - 1}" / "aggregate.fcry"
         client.download_aggregate(fed.id, start - 1, path)
-        result = prot.unprotect(path.read_bytes())
-        model.load_state_dict(unflatten(result.mean, layout))
+        vector = site.unprotect(path.read_bytes())[0].mean
         say(f"joined at round {start}: decrypted the aggregate of round {start - 1}")
 
+    split = "val" if config.eval_split == "val" else "test"
     outcomes: list[RoundOutcome] = []
     member = False
     for r in range(start, min(start + rounds, fed.num_rounds + 1)):
         rdir = out_dir / f"round-{r}"
         rdir.mkdir(parents=True, exist_ok=True)
-        tr = train(model, data.train, epochs=config.epochs, lr=lr, seed=config.seed * 1000 + r)
-        state = model.state_dict()
-        torch.save(state, rdir / "local.pt")
-        t0 = time.perf_counter()
-        blob = prot.protect(flatten(state), num_examples=data.num_train)
-        protect_s = time.perf_counter() - t0
+        weights, tr = site.train_round(vector, server_round=r)
+        site.save(rdir / "local.pt")
+        blob, protect_s = site.protect(weights)
         update_path = rdir / "update.fcry"
         update_path.write_bytes(blob)
         say(
-            f"round {r}: trained on {data.num_train} examples (loss {tr.loss:.4f}), "
+            f"round {r}: trained on {site.num_train} examples (loss {tr['train-loss']:.4f}), "
             f"protected with {fed.protection} in {protect_s:.2f} s ({len(blob) / 1e6:.2f} MB)"
         )
         try:
@@ -265,13 +274,17 @@ def participate(
         wait_s = time.perf_counter() - t0
         agg_path = rdir / "aggregate.fcry"
         _retry(say, "download", client.download_aggregate, fed.id, r, agg_path)
-        t0 = time.perf_counter()
-        result = prot.unprotect(agg_path.read_bytes())
-        decrypt_s = time.perf_counter() - t0
-        model.load_state_dict(unflatten(result.mean, layout))
-        torch.save(model.state_dict(), rdir / "global.pt")
-        ev = evaluate(model, eval_loader)
-        auc = ev.auc if math.isfinite(ev.auc) else None
+        result, decrypt_s = site.unprotect(agg_path.read_bytes())
+        vector = result.mean
+        metrics, _ = site.evaluate(vector)
+        site.save(rdir / "global.pt")
+        if f"{split}-loss" not in metrics:
+            split = "test" if split == "val" else "val"
+        loss = float(metrics[f"{split}-loss"])
+        accuracy = float(metrics[f"{split}-accuracy"])
+        auc_v = float(metrics[f"{split}-auc"])
+        auc = auc_v if math.isfinite(auc_v) else None
+        n_eval = int(metrics[f"{split}-examples"])
         if member:
             _retry(
                 say,
@@ -279,23 +292,23 @@ def participate(
                 client.report_metrics,
                 fed.id,
                 r,
-                loss=ev.loss,
-                accuracy=ev.accuracy,
+                loss=loss,
+                accuracy=accuracy,
                 auc=auc,
-                num_examples=ev.num_examples,
+                num_examples=n_eval,
             )
         outcome = RoundOutcome(
             round=r,
-            num_examples=data.num_train,
-            train_loss=tr.loss,
+            num_examples=site.num_train,
+            train_loss=tr["train-loss"],
             upload_bytes=len(blob),
             protect_seconds=protect_s,
             wait_seconds=wait_s,
             decrypt_seconds=decrypt_s,
-            loss=ev.loss,
-            accuracy=ev.accuracy,
+            loss=loss,
+            accuracy=accuracy,
             auc=auc,
-            eval_examples=ev.num_examples,
+            eval_examples=n_eval,
             local_model=str(rdir / "local.pt"),
             global_model=str(rdir / "global.pt"),
         )
@@ -303,11 +316,19 @@ def participate(
         _write_record(out_dir, fed, outcomes)
         say(
             f"round {r}: aggregate of {result.num_updates} hospitals ({result.total_examples} "
-            f"examples) decrypted; {config.eval_split} loss {ev.loss:.4f}, accuracy "
-            f"{ev.accuracy:.4f}, AUC {'-' if auc is None else f'{auc:.4f}'}"
+            f"examples) decrypted; {split} loss {loss:.4f}, accuracy "
+            f"{accuracy:.4f}, AUC {'-' if auc is None else f'{auc:.4f}'}"
             + ("; reported" if member else "")
         )
     return outcomes
+
+
+def _state_vector(path: Path, site: LocalSite) -> NDArray[np.float64]:
+    """The published initial model as this site's flat vector (keys and shapes checked)."""
+
+    model = site.model
+    load_weights(model, path, name=site.info.model_name)
+    return flatten(model.state_dict())
 
 
 def _write_record(out_dir: Path, fed: FederationPublic, outcomes: list[RoundOutcome]) -> None:

@@ -177,6 +177,9 @@ class Scheme:
         clear).
     threat : str
         The line the run report prints about what the server saw.
+    stages : tuple of str
+        The exchanges of one round, in order (``("train",)`` for single-message
+        schemes); ``--drop ID@ROUND:STAGE`` names one.
     hospital : HospitalFactory or None
         Builds the hospital half (single-message schemes).
     server : ServerFactory or None
@@ -196,6 +199,7 @@ class Scheme:
     staged: bool
     layer_selection: bool
     threat: str
+    stages: tuple[str, ...] = ("train",)
     hospital: HospitalFactory | None = None
     server: ServerFactory | None = None
     check_upload: UploadInspector | None = None

@@ -15,6 +15,7 @@ from fedcrypt.config import DEPRECATED_PROTECTIONS, Protection
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.protection import he, plain
 from fedcrypt.protection.base import HospitalProtection, Scheme, ServerAggregator
+from fedcrypt.protection.secagg import STAGES
 
 HOSPITAL_KEY_FILE = "hospital.key"
 SERVER_KEY_FILE = "server.key"
@@ -64,9 +65,13 @@ SECAGG = Scheme(
     staged=True,
     layer_selection=False,
     threat=(
-        "the server saw only pairwise-masked updates; it learnt the sum only (or nothing, with "
-        "the consortium group mask)."
+        "the server saw only pairwise-masked updates and learnt at most their sum (nothing, "
+        "with the consortium group mask), even when lying about dropouts or showing hospitals "
+        "different views (signed consistency check). No individual update leaks to a server "
+        "colluding with up to 2t - n - 1 hospitals (the default threshold tolerates one); "
+        "with the group mask the colluders learn the aggregate."
     ),
+    stages=STAGES,
 )
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (PLAIN, HE, SECAGG)}

@@ -55,7 +55,7 @@ def plot_rounds(record: RunRecord, path: Path) -> Path:
     xs = range(len(rounds))
     ax.bar(
         [x - 1.5 * width for x in xs],
-        [r.encrypt_seconds for r in record.rounds],
+        [r.protect_seconds for r in record.rounds],
         width,
         label="protect (hospital)",
     )
@@ -67,7 +67,7 @@ def plot_rounds(record: RunRecord, path: Path) -> Path:
     )
     ax.bar(
         [x + 0.5 * width for x in xs],
-        [r.decrypt_seconds for r in record.rounds],
+        [r.unprotect_seconds for r in record.rounds],
         width,
         label="unprotect (hospital)",
     )

@@ -5,16 +5,11 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.protection.registry import get_scheme
 from fedcrypt.report.plots import plot_roc, plot_rounds
 from fedcrypt.report.records import RunRecord
-
-if TYPE_CHECKING:
-    from fedcrypt.federation.app import Outcome
 
 
 def _threat(protection: object) -> str:
@@ -25,6 +20,24 @@ def _threat(protection: object) -> str:
             return get_scheme(str(protection)).threat
         except ConfigError:
             return ""
+
+
+def _protection_line(record: RunRecord) -> str:
+    """What the server saw; with layer selection, which tensors it saw in plaintext."""
+    cfg, info = record.config, record.info
+    preset = f" (preset {cfg['he_preset']})" if cfg.get("he_preset") else ""
+    clear = info.get("plaintext_tensors")
+    if clear:
+        frac = float(info.get("encrypted_fraction", 0.0))
+        shown = ", ".join(f"`{t}`" for t in clear[:12])
+        more = f" and {len(clear) - 12} more" if len(clear) > 12 else ""
+        return (
+            f"{cfg.get('protection')}{preset} with --encrypt-layers "
+            f"{cfg.get('encrypt_layers')}: the server saw **{1 - frac:.1%} of the model's "
+            f"values in plaintext** in every update and aggregate ({len(clear)} tensors: "
+            f"{shown}{more}); the other {frac:.1%} were encrypted."
+        )
+    return f"{cfg.get('protection')}{preset}: {_threat(cfg.get('protection'))}"
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -45,7 +58,7 @@ def markdown(record: RunRecord, *, roc_png: str | None, rounds_png: str) -> str:
         f"- model parameters: {record.info.get('parameters', '?'):,}"
         if isinstance(record.info.get("parameters"), int)
         else "- model parameters: ?",
-        f"- protection: {_threat(cfg.get('protection'))}",
+        f"- protection: {_protection_line(record)}",
         f"- final test accuracy **{_fmt(final.get('accuracy', math.nan))}**, "
         f"ROC AUC **{_fmt(final.get('auc', math.nan))}**",
         f"- wall time {record.seconds:.1f} s",
@@ -60,7 +73,7 @@ def markdown(record: RunRecord, *, roc_png: str | None, rounds_png: str) -> str:
         lines.append(
             f"| {r.round} | {_fmt(r.loss)} | {_fmt(r.accuracy)} | {_fmt(r.auc)} | "
             f"{_fmt(r.val_auc)} | {r.seconds:.2f} | {r.bytes_up_per_client / 1e6:.3f} | "
-            f"{r.encrypt_seconds:.3f} | {r.aggregate_seconds:.3f} | {r.decrypt_seconds:.3f} |"
+            f"{r.protect_seconds:.3f} | {r.aggregate_seconds:.3f} | {r.unprotect_seconds:.3f} |"
         )
     lines += ["", "## Plots", ""]
     if roc_png:
@@ -70,29 +83,22 @@ def markdown(record: RunRecord, *, roc_png: str | None, rounds_png: str) -> str:
     return "\n".join(lines)
 
 
-def write_run(run_dir: Path, config: RunConfig, outcome: Outcome, *, seconds: float) -> RunRecord:
-    """Write the run directory and return the record.
+def write_run(run_dir: Path, record: RunRecord) -> RunRecord:
+    """Write the run directory (``metrics.json``, ``roc.png``, ``rounds.png``, ``report.md``).
 
     Parameters
     ----------
     run_dir : Path
         Created if needed.
-    config : RunConfig
-        The run's configuration (stored in ``metrics.json``).
-    outcome : Outcome
-        Rounds and ROC curve collected by the ServerApp.
-    seconds : float
-        Wall-clock seconds of the whole run.
+    record : RunRecord
+        The run: its resolved configuration, rounds, final ROC curve and info.
+
+    Returns
+    -------
+    RunRecord
+        ``record``.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = RunRecord(
-        config=config.model_dump(mode="json"),
-        rounds=list(outcome.rounds),
-        roc_fpr=list(outcome.roc.get("fpr", [])),
-        roc_tpr=list(outcome.roc.get("tpr", [])),
-        info=dict(outcome.info),
-        seconds=seconds,
-    )
     record.write(run_dir / "metrics.json")
     roc = plot_roc(record, run_dir / "roc.png")
     plot_rounds(record, run_dir / "rounds.png")

@@ -109,5 +109,6 @@ def builtin_task(
         label_kind="binary" if data.num_classes == 2 else "multiclass",
         class_names=data.class_names,
         lr=DEFAULT_LR.get(model_name, 1e-3),
+        model_name=model_name,
         description=f"built-in: {data.name} ({data.kind}), model {model_name}",
     )

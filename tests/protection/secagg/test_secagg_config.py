@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 from fedcrypt.exceptions import ConfigError, DecryptionError
-from fedcrypt.protection.secagg import RoundConfig, SecAggParams
+from fedcrypt.protection.secagg import RoundConfig, SecAggParams, secure_threshold
 from fedcrypt.protection.secagg.masking import EXTRA, dequantize, quantize
 
 
@@ -49,9 +51,9 @@ def test_bad_params_are_config_errors(kwargs: dict[str, object]) -> None:
 
 
 def test_round_config_threshold_rules() -> None:
-    p = SecAggParams()
-    assert RoundConfig(round=1, hospital_ids=(5, 1, 3), vector_size=4, params=p).t == 2
-    assert RoundConfig(round=1, hospital_ids=tuple(range(5)), vector_size=4, params=p).t == 3
+    p = SecAggParams()  # colluders = 1: 2t > g + 1
+    assert RoundConfig(round=1, hospital_ids=(5, 1, 3), vector_size=4, params=p).t == 3
+    assert RoundConfig(round=1, hospital_ids=tuple(range(5)), vector_size=4, params=p).t == 4
     with pytest.raises(ConfigError):  # not a majority
         RoundConfig(round=1, hospital_ids=tuple(range(6)), vector_size=4, params=p, threshold=3)
     with pytest.raises(ConfigError):
@@ -64,7 +66,69 @@ def test_round_config_threshold_rules() -> None:
         RoundConfig(round=1, hospital_ids=tuple(range(51)), vector_size=4, params=p)
     k = SecAggParams(neighbours=4)
     cfg = RoundConfig(round=1, hospital_ids=tuple(range(20)), vector_size=4, params=k)
-    assert (cfg.group_size, cfg.t) == (5, 3)
+    assert (cfg.group_size, cfg.t) == (5, 4)
+    # SecAgg+: every hospital must agree on one survivor set, so a majority beyond the
+    # colluders of all 20 invited hospitals signs it
+    assert cfg.signatures_needed == 11
+    full = RoundConfig(round=1, hospital_ids=tuple(range(20)), vector_size=4, params=p)
+    assert (full.t, full.signatures_needed, full.colluders_tolerated) == (11, 11, 1)
+
+
+@pytest.mark.parametrize(
+    ("n", "colluders", "expected"),
+    [(2, 1, 2), (3, 1, 3), (4, 1, 3), (5, 1, 4), (10, 1, 6), (50, 1, 26), (5, 0, 3), (10, 3, 7)],
+)
+def test_default_threshold_is_the_smallest_with_2t_above_g_plus_colluders(
+    n: int, colluders: int, expected: int
+) -> None:
+    assert secure_threshold(n, colluders) == expected
+    assert 2 * expected > n + colluders or expected == n
+    assert expected == n or 2 * (expected - 1) <= n + colluders  # smallest
+    params = SecAggParams(colluders=colluders)
+    cfg = RoundConfig(round=1, hospital_ids=tuple(range(n)), vector_size=4, params=params)
+    assert cfg.t == expected
+    assert cfg.colluders_tolerated >= colluders
+
+
+def test_threshold_insecure_against_an_active_server_alone_is_refused() -> None:
+    p = SecAggParams(colluders=0)
+    with pytest.raises(ConfigError, match=r"insecure.*active server alone.*2t > 6"):
+        RoundConfig(round=1, hospital_ids=tuple(range(6)), vector_size=4, params=p, threshold=3)
+    k = SecAggParams(neighbours=4, colluders=0)  # share groups of 5
+    with pytest.raises(ConfigError, match="insecure"):
+        RoundConfig(round=1, hospital_ids=tuple(range(20)), vector_size=4, params=k, threshold=2)
+
+
+def test_weaker_threshold_names_what_it_tolerates_and_how_to_accept_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """t = 3 of 5 resists an active server alone, not one colluding hospital too."""
+    with pytest.raises(ConfigError, match=r"tolerates only 0 .* colluders=1 .* t >= 4"):
+        RoundConfig(
+            round=1, hospital_ids=tuple(range(5)), vector_size=4, params=SecAggParams(), threshold=3
+        )
+    with caplog.at_level(logging.WARNING):
+        weak = SecAggParams(colluders=0)
+    assert "colluders=0" in caplog.text and "active server alone" in caplog.text
+    cfg = RoundConfig(round=1, hospital_ids=tuple(range(5)), vector_size=4, params=weak)
+    assert (cfg.t, cfg.colluders_tolerated) == (3, 0)
+    stronger = RoundConfig(
+        round=1, hospital_ids=tuple(range(5)), vector_size=4, params=SecAggParams(), threshold=5
+    )
+    assert stronger.colluders_tolerated == 4
+
+
+@pytest.mark.parametrize("colluders", [-1, 50, True, 1.5])
+def test_bad_colluders_are_config_errors(colluders: object) -> None:
+    with pytest.raises(ConfigError, match="colluders"):
+        SecAggParams(colluders=colluders)  # type: ignore[arg-type]
+
+
+def test_colluders_beyond_the_round_cannot_be_met() -> None:
+    with pytest.raises(ConfigError, match="tolerates only"):
+        RoundConfig(
+            round=1, hospital_ids=(1, 2, 3), vector_size=4, params=SecAggParams(colluders=3)
+        )
 
 
 def test_round_config_json_round_trip_and_session() -> None:

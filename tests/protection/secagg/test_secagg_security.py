@@ -8,14 +8,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _secagg_helpers import make_consortium, make_inputs
+from _secagg_helpers import make_consortium, make_inputs, plain_fedavg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from fedcrypt.exceptions import ConfigError, ProtocolError
+from fedcrypt.exceptions import ConfigError, DropoutError, ProtocolError
 from fedcrypt.protection import wire
 from fedcrypt.protection.secagg import (
     STAGES,
+    ConsistencyError,
     ReplayError,
     SecAggHospital,
     SecAggParams,
@@ -23,6 +24,7 @@ from fedcrypt.protection.secagg import (
     ShareAuthenticationError,
     ShareVerificationError,
     SignatureError,
+    TooFewSurvivorsError,
     ViewMismatchError,
     run_round,
 )
@@ -92,20 +94,57 @@ def flip_at(fraction: float):  # type: ignore[no-untyped-def]
     return flip
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
-@pytest.mark.parametrize("direction", ["request", "reply"])
+FRACTIONS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("stage", STAGES)
-def test_tampering_with_any_message_is_detected(
-    stage: str, direction: str, fraction: float
-) -> None:
+def test_a_tampered_request_is_refused_by_the_hospital(stage: str, fraction: float) -> None:
     c = make_consortium(range(4))
     flip = flip_at(fraction)
 
     def tamper(s: str, d: str, hid: int, msg: bytes) -> bytes:
-        return flip(msg) if (s, d, hid) == (stage, direction, 2) else msg
+        return flip(msg) if (s, d, hid) == (stage, "request", 2) else msg
 
     with pytest.raises(ProtocolError):
         run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P), intercept=tamper)
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_tampered_reply_is_refused_and_the_round_completes_without_it(
+    stage: str, fraction: float
+) -> None:
+    """4 hospitals, t = 3: the server refuses hospital 2's altered reply, 3 remain."""
+    c = make_consortium(range(4))
+    flip = flip_at(fraction)
+    inputs = make_inputs(c.ids, P)
+
+    def tamper(s: str, d: str, hid: int, msg: bytes) -> bytes:
+        return flip(msg) if (s, d, hid) == (stage, "reply", 2) else msg
+
+    server = c.server(vector_size=P)
+    report = run_round(server, c.hospitals, inputs, intercept=tamper)
+    assert set(report.rejected) == {2} and report.rejected[2].startswith(stage)
+    assert isinstance(server.rejected[2], ProtocolError)
+    in_sum = STAGES.index(stage) > STAGES.index("masked_input")  # its update was summed
+    expected = list(c.ids) if in_sum else [0, 1, 3]
+    assert report.survivors == tuple(expected)
+    mean, total = plain_fedavg(inputs, expected)
+    assert report.result is not None and report.result.total_examples == total
+    assert np.abs(report.result.mean - mean).max() <= c.params.error_bound(len(expected), total)
+
+
+def test_a_tampered_reply_with_too_few_left_fails_loudly() -> None:
+    """3 hospitals, t = 3: one refused reply leaves 2, so the round aborts (DropoutError)."""
+    c = make_consortium(range(3))
+
+    def tamper(s: str, d: str, hid: int, msg: bytes) -> bytes:
+        return flip_at(0.5)(msg) if (s, d, hid) == ("share", "reply", 1) else msg
+
+    with pytest.raises(TooFewSurvivorsError, match=r"'share'.*hospital 1 refused") as info:
+        run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P), intercept=tamper)
+    assert isinstance(info.value, DropoutError)
 
 
 def test_tampered_encrypted_share_fails_authentication() -> None:
@@ -126,6 +165,22 @@ def test_tampered_encrypted_share_fails_authentication() -> None:
 def test_altered_request_is_caught_by_the_server() -> None:
     """A survivor list changed in transit still parses; the signed request digest exposes it."""
     c = make_consortium(range(5))
+    inputs = make_inputs(c.ids, P)
+
+    def tamper(s: str, d: str, hid: int, msg: bytes) -> bytes:
+        if (s, d, hid) == ("consistency", "request", 0):
+            env = wire.unpack(msg)
+            return wire.pack({**env.header, "survivors": [0, 1, 2, 3]}, env.sections)
+        return msg
+
+    server = c.server(vector_size=P)
+    report = run_round(server, c.hospitals, inputs, intercept=tamper)
+    assert isinstance(server.rejected[0], ViewMismatchError)
+    assert report.signers == (1, 2, 3, 4) and report.survivors == c.ids
+
+
+def test_altered_unmask_request_is_refused_by_the_hospital() -> None:
+    c = make_consortium(range(5))
 
     def tamper(s: str, d: str, hid: int, msg: bytes) -> bytes:
         if (s, d, hid) == ("unmask", "request", 0):
@@ -133,7 +188,7 @@ def test_altered_request_is_caught_by_the_server() -> None:
             return wire.pack({**env.header, "survivors": [0, 1, 2, 3]}, env.sections)
         return msg
 
-    with pytest.raises(ViewMismatchError):
+    with pytest.raises(ConsistencyError, match="other than the one this hospital signed"):
         run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P), intercept=tamper)
 
 
@@ -174,40 +229,61 @@ def test_wrong_share_is_caught_by_commitment_or_public_key(dropout: bool) -> Non
 
 
 # -- signatures --------------------------------------------------------------------------
-def test_reply_signed_by_another_key_is_rejected() -> None:
-    c = make_consortium(range(3))
+def impostor_swap(c, target: int):  # type: ignore[no-untyped-def]
+    """Replace ``target``'s advertise reply by one signed with an unregistered key."""
     impostor_key = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
     impostor = SecAggHospital(
-        1,
+        target,
         signing_key=impostor_key,
-        registry={**c.registry, 1: impostor_key.public_key()},
+        registry={**c.registry, target: impostor_key.public_key()},
         params=c.params,
         consortium_key=c.consortium_key,
     )
+    forged = [b""]
 
     def swap(s: str, d: str, hid: int, msg: bytes) -> bytes:
-        if (s, d, hid) == ("advertise", "request", 1):
-            impostor_reply[0] = impostor.stage_advertise(msg)
-        if (s, d, hid) == ("advertise", "reply", 1):
-            return impostor_reply[0]
+        if (s, d, hid) == ("advertise", "request", target):
+            forged[0] = impostor.stage_advertise(msg)
+        if (s, d, hid) == ("advertise", "reply", target):
+            return forged[0]
         return msg
 
-    impostor_reply = [b""]
-    with pytest.raises(SignatureError, match="bad signature"):
-        run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P), intercept=swap)
+    return swap
 
 
-def test_reply_from_unregistered_hospital_is_rejected() -> None:
-    c = make_consortium(range(3))
+def test_reply_signed_by_an_unregistered_key_is_refused() -> None:
+    c = make_consortium(range(4))
+    inputs = make_inputs(c.ids, P)
+    server = c.server(vector_size=P)
+    report = run_round(server, c.hospitals, inputs, intercept=impostor_swap(c, 1))
+    assert isinstance(server.rejected[1], SignatureError)
+    assert "bad signature" in str(server.rejected[1])
+    assert report.survivors == (0, 2, 3)
+    # with 3 hospitals (t = 3) the round cannot complete without it: it fails loudly
+    c3 = make_consortium(range(3))
+    with pytest.raises(TooFewSurvivorsError, match="bad signature"):
+        run_round(
+            c3.server(vector_size=P),
+            c3.hospitals,
+            make_inputs(c3.ids, P),
+            intercept=impostor_swap(c3, 1),
+        )
+
+
+def test_reply_from_unregistered_hospital_is_refused() -> None:
+    c = make_consortium(range(4))
 
     def relabel(s: str, d: str, hid: int, msg: bytes) -> bytes:
-        if (s, d, hid) == ("advertise", "reply", 1):
+        if (s, d, hid) == ("masked_input", "reply", 1):
             env = wire.unpack(msg)
             return wire.pack({**env.header, "sender": 99}, env.sections)
         return msg
 
-    with pytest.raises(SignatureError, match="unregistered"):
-        run_round(c.server(vector_size=P), c.hospitals, make_inputs(c.ids, P), intercept=relabel)
+    server = c.server(vector_size=P)
+    report = run_round(server, c.hospitals, make_inputs(c.ids, P), intercept=relabel)
+    assert isinstance(server.rejected[1], SignatureError)
+    assert "unregistered" in str(server.rejected[1])
+    assert report.survivors == (0, 2, 3)
 
 
 def test_hospital_construction_checks_keys() -> None:
@@ -251,18 +327,32 @@ def record_round(c, inputs):  # type: ignore[no-untyped-def]
     return log, report
 
 
-@pytest.mark.parametrize("direction", ["request", "reply"])
 @pytest.mark.parametrize("stage", STAGES)
-def test_replay_from_an_earlier_round_is_rejected(stage: str, direction: str) -> None:
+def test_request_replayed_from_an_earlier_round_is_refused(stage: str) -> None:
     c = make_consortium(range(4))
     inputs = make_inputs(c.ids, P)
     old, _ = record_round(c, inputs)
 
     def replay(s: str, d: str, hid: int, msg: bytes) -> bytes:
-        return old[(s, d, hid)] if (s, d, hid) == (stage, direction, 2) else msg
+        return old[(s, d, hid)] if (s, d, hid) == (stage, "request", 2) else msg
 
     with pytest.raises(ReplayError):
         run_round(c.server(vector_size=P), c.hospitals, inputs, intercept=replay)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_reply_replayed_from_an_earlier_round_is_refused(stage: str) -> None:
+    c = make_consortium(range(4))
+    inputs = make_inputs(c.ids, P)
+    old, _ = record_round(c, inputs)
+
+    def replay(s: str, d: str, hid: int, msg: bytes) -> bytes:
+        return old[(s, d, hid)] if (s, d, hid) == (stage, "reply", 2) else msg
+
+    server = c.server(vector_size=P)
+    run_round(server, c.hospitals, inputs, intercept=replay)
+    assert isinstance(server.rejected[2], ReplayError)
+    assert "round 1, this is round 2" in str(server.rejected[2])
 
 
 def test_a_stage_answered_twice_is_a_replay() -> None:
@@ -317,7 +407,7 @@ def test_server_never_holds_a_secret() -> None:
     # hospital 3 drops after sharing keys: the server must reconstruct its mask key
     run_round(server, c.hospitals, inputs, dropouts={"masked_input": {3}})
     params = inspect.signature(SecAggServer.__init__).parameters
-    assert set(params) == {"self", "config", "registry"}
+    assert set(params) == {"self", "config", "registry", "clock", "stage_timeout"}
     secrets_ = {s for s in c.rng.outputs if len(s) == 32}  # signing, consortium, X25519, seeds
     assert c.consortium_key in secrets_
     secret_ints = {int.from_bytes(s, "big") for s in secrets_}

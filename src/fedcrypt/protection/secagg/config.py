@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -12,8 +13,12 @@ from typing import Any
 
 from fedcrypt.exceptions import ConfigError
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_BITS = (32, 64)
 MAX_HOSPITAL_ID = (1 << 64) - 1
+DEFAULT_COLLUDERS = 1
+"""γ: hospitals that may collude with an active server, by default (DESIGN.md §2)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,12 @@ class SecAggParams:
     group_mask : bool, optional
         Hospitals add a mask derived from the consortium key, so the server's aggregate is
         uniformly random to it (default: True).
+    colluders : int, optional
+        ``γ``: how many hospitals may collude with an *active* server (one that lies about
+        who dropped out and shows hospitals different views) while every individual update
+        stays hidden (default: 1). Every round's threshold must satisfy ``2t > g + γ``
+        (:func:`secure_threshold`); hospitals refuse rounds that do not. 0 is secure
+        against an active server alone and logs a warning.
 
     Raises
     ------
@@ -71,6 +82,7 @@ class SecAggParams:
     scale: float | None = None
     neighbours: int | None = None
     group_mask: bool = True
+    colluders: int = DEFAULT_COLLUDERS
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -83,6 +95,20 @@ class SecAggParams:
             raise ConfigError(f"max_examples must be >= 1, got {self.max_examples}")
         if self.neighbours is not None and (self.neighbours < 2 or self.neighbours % 2):
             raise ConfigError(f"neighbours must be even and >= 2, got {self.neighbours}")
+        if (
+            isinstance(self.colluders, bool)
+            or not isinstance(self.colluders, int)
+            or not 0 <= self.colluders < self.max_hospitals
+        ):
+            raise ConfigError(
+                f"colluders must be an int in [0, max_hospitals - 1 = {self.max_hospitals - 1}]"
+                f", got {self.colluders!r}"
+            )
+        if self.colluders == 0:
+            logger.warning(
+                "secagg colluders=0: secure against an active server alone, but a server "
+                "colluding with one hospital may recover an individual update"
+            )
         if self.max_hospitals * self.max_examples > (1 << self.bits) - 1:
             raise ConfigError(
                 f"max_hospitals * max_examples = {self.max_hospitals * self.max_examples} "
@@ -145,9 +171,46 @@ class SecAggParams:
         return d
 
 
+def secure_threshold(group_size: int, colluders: int = DEFAULT_COLLUDERS) -> int:
+    """Smallest threshold secure against an active server colluding with ``colluders``.
+
+    ``t = min(g, floor((g + γ) / 2) + 1)``, the smallest ``t`` with ``2t > g + γ``.
+
+    Why: an active server recovers hospital ``u``'s update only if some ``t`` holders of
+    ``u``'s shares believe ``u`` survived (they reveal shares of its self-mask seed
+    ``b_u``) while ``t`` holders believe ``u`` dropped out (shares of its mask key
+    ``s_u``), or, through the consistency-checked survivor set ``U3``, if ``t`` holders
+    reveal ``b_u`` while ``u``'s honest peers are all declared dropped. An honest
+    hospital reveals one kind per peer and signs one survivor set per session; the
+    colluders reveal everything. Either way the two groups of ``t`` overlap only in
+    colluders, which needs ``2t - γ <= g``: ``2t > g + γ`` makes it impossible (Bonawitz
+    et al., CCS 2017, §4 and the active-adversary analysis; with the neighbour graph the
+    same bound per share group, Bell et al., CCS 2020). The server then learns no more
+    than the sum of the honest updates in ``U3`` (at least ``t - γ`` of them).
+
+    Parameters
+    ----------
+    group_size : int
+        ``g``: hospitals holding shares of one hospital's secrets (itself included).
+    colluders : int, optional
+        ``γ`` (default: :data:`DEFAULT_COLLUDERS`).
+
+    Examples
+    --------
+    >>> [secure_threshold(n) for n in (2, 3, 4, 5, 10, 50)]
+    [2, 3, 3, 4, 6, 26]
+    """
+    return min(group_size, (group_size + colluders) // 2 + 1)
+
+
 def default_threshold(group_size: int) -> int:
-    """Smallest threshold above half the share group: ``group_size // 2 + 1``."""
-    return group_size // 2 + 1
+    """The default threshold for :data:`DEFAULT_COLLUDERS` (see :func:`secure_threshold`)."""
+    return secure_threshold(group_size, DEFAULT_COLLUDERS)
+
+
+def tolerated_colluders(group_size: int, threshold: int) -> int:
+    """The largest ``γ`` with ``2t > g + γ``: ``2t - g - 1`` (negative: insecure)."""
+    return 2 * threshold - group_size - 1
 
 
 @dataclass(frozen=True)
@@ -167,10 +230,14 @@ class RoundConfig:
         The consortium parameters.
     threshold : int, optional
         ``t``: shares needed to recover a hospital's secrets, so at most
-        ``group_size - t`` hospitals of a share group may drop out. Must satisfy
-        ``group_size / 2 < t <= group_size`` and ``t >= 2`` where ``group_size`` is the
-        number of hospitals (complete graph) or ``neighbours + 1`` (default:
-        ``group_size // 2 + 1``).
+        ``group_size - t`` hospitals of a share group may drop out after sharing keys.
+        ``group_size`` is the number of invited hospitals (complete graph) or
+        ``neighbours + 1``. Must satisfy ``2 <= t <= group_size`` and
+        ``2t > group_size + params.colluders`` (default: the smallest such ``t``,
+        :func:`secure_threshold`). A threshold with ``2t <= group_size`` is refused as
+        insecure against an active server alone; one that only misses ``params.colluders``
+        is refused with the number of colluders it does tolerate (lower
+        ``SecAggParams.colluders`` to accept it).
     nonce : str, optional
         32 hex digits chosen by the server for this round (default: fresh random), so that
         messages from another run that reused the round number do not verify.
@@ -209,11 +276,25 @@ class RoundConfig:
         if self.vector_size < 1:
             raise ConfigError(f"vector_size must be >= 1, got {self.vector_size}")
         g = self.group_size
-        t = default_threshold(g) if self.threshold is None else self.threshold
-        if not (2 * t > g and 2 <= t <= g):
+        gamma = self.params.colluders
+        t_min = secure_threshold(g, gamma)
+        t = t_min if self.threshold is None else self.threshold
+        if isinstance(t, bool) or not isinstance(t, int) or not 2 <= t <= g:
             raise ConfigError(
-                f"threshold must satisfy {g}/2 < t <= {g} and t >= 2 "
-                f"(share group of {g} hospitals), got {t}"
+                f"threshold must be an int in [2, {g}] (share groups of {g} hospitals), got {t!r}"
+            )
+        if 2 * t <= g:
+            raise ConfigError(
+                f"threshold {t} is insecure for share groups of {g} hospitals: an active "
+                f"server alone could recover an individual update (needs 2t > {g}; "
+                f"use t >= {t_min} for colluders={gamma})"
+            )
+        if 2 * t <= g + gamma:
+            raise ConfigError(
+                f"threshold {t} for share groups of {g} hospitals tolerates only "
+                f"{tolerated_colluders(g, t)} hospital(s) colluding with an active server; "
+                f"this consortium requires colluders={gamma} (2t > g + colluders: t >= "
+                f"{t_min}). Lower SecAggParams.colluders to accept the weaker threshold"
             )
         object.__setattr__(self, "threshold", t)
 
@@ -222,6 +303,26 @@ class RoundConfig:
         """The resolved threshold."""
         assert self.threshold is not None
         return self.threshold
+
+    @property
+    def signatures_needed(self) -> int:
+        """Valid consistency signatures a hospital needs before it reveals shares.
+
+        ``t`` with the complete graph. With the SecAgg+ graph every hospital must agree on
+        one survivor set although share groups are small, so a majority of the invited
+        hospitals beyond the colluders must sign: ``max(t, floor((n + γ) / 2) + 1)``
+        (two sets signed by that many overlap in an honest hospital, who signs once).
+        Also the fewest hospitals every stage before the unmask stage needs.
+        """
+        n = len(self.hospital_ids)
+        if self.group_size >= n:
+            return self.t
+        return max(self.t, min(n, (n + self.params.colluders) // 2 + 1))
+
+    @property
+    def colluders_tolerated(self) -> int:
+        """The most hospitals that may collude with an active server: ``2t - g - 1``."""
+        return tolerated_colluders(self.group_size, self.t)
 
     @property
     def group_size(self) -> int:
@@ -260,6 +361,7 @@ class RoundConfig:
                 scale=float(p["scale"]),
                 neighbours=None if p["neighbours"] is None else int(p["neighbours"]),
                 group_mask=bool(p["group_mask"]),
+                colluders=int(p["colluders"]),
             )
             return cls(
                 round=int(data["round"]),

@@ -45,10 +45,16 @@ class RoundReport:
     masked_bytes : dict of int to int
         Size of each hospital's masked-input message (the bulk of the upload).
     hospital_seconds : dict of int to dict of str to float
-        Per hospital and stage (``advertise``, ``share``, ``masked_input``, ``unmask``,
-        ``unprotect``), seconds of wall time spent in the hospital object.
+        Per hospital and stage (``advertise``, ``share``, ``masked_input``,
+        ``consistency``, ``unmask``, ``unprotect``), seconds of wall time spent in the
+        hospital object.
     server_seconds : dict of str to float
         Per stage, seconds spent in the server object.
+    signers : tuple of int
+        Hospitals whose consistency signatures the server forwarded (``U4``).
+    rejected : dict of int to str
+        Replies the server refused (the hospital then counted as dropped out), as
+        ``hospital id -> "stage: ErrorClass: message"``.
     """
 
     aggregate: bytes
@@ -59,9 +65,11 @@ class RoundReport:
     masked_bytes: dict[int, int] = field(default_factory=dict)
     hospital_seconds: dict[int, dict[str, float]] = field(default_factory=dict)
     server_seconds: dict[str, float] = field(default_factory=dict)
+    signers: tuple[int, ...] = ()
+    rejected: dict[int, str] = field(default_factory=dict)
 
     def protect_seconds(self, hospital_id: int) -> float:
-        """Seconds hospital ``hospital_id`` spent in the four protocol stages."""
+        """Seconds hospital ``hospital_id`` spent in the five protocol stages."""
         per = self.hospital_seconds.get(hospital_id, {})
         return sum(v for k, v in per.items() if k in STAGES)
 
@@ -76,10 +84,12 @@ def run_round(
     unprotect: bool = True,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RoundReport:
-    """Drive a full round: four request/response stages, then unprotect.
+    """Drive a full round: five request/response stages, then unprotect.
 
-    Exceptions raised by the server or by a hospital propagate (a hospital that detects
-    tampering aborts the round loudly rather than silently dropping out).
+    Exceptions raised by a hospital propagate (a hospital that detects tampering or an
+    inconsistent view aborts the round loudly rather than silently dropping out). A
+    reply the server refuses (see :class:`~.server.SecAggServer`) only drops that
+    hospital; too few remaining raises :class:`~.errors.TooFewSurvivorsError`.
 
     Parameters
     ----------
@@ -91,7 +101,8 @@ def run_round(
         ``hospital id -> (update of shape (P,), num_examples)``.
     dropouts : mapping of str to collection of int, optional
         ``stage -> hospitals`` that stop before answering that stage (and every later
-        one). ``"unmask"`` means after sending the masked update.
+        one). ``"consistency"`` means after sending the masked update (their update is
+        still in the sum); ``"unmask"`` after signing the survivor set.
     intercept : callable, optional
         Sees (and may replace or drop) every request and reply; see :data:`Intercept`.
     unprotect : bool, optional
@@ -142,6 +153,8 @@ def run_round(
             elif stage == "masked_input":
                 update, n = inputs[hid]
                 reply = hosp.stage_masked_input(msg, update=update, num_examples=n)
+            elif stage == "consistency":
+                reply = hosp.stage_consistency(msg)
             else:
                 reply = hosp.stage_unmask(msg)
             h_secs[hid][stage] = clock() - t0
@@ -160,6 +173,8 @@ def run_round(
             requests = server.receive_share(replies)
         elif stage == "masked_input":
             requests = server.receive_masked_input(replies)
+        elif stage == "consistency":
+            requests = server.receive_consistency(replies)
         else:
             aggregate = server.receive_unmask(replies)
         s_secs[stage] = clock() - t0
@@ -182,6 +197,10 @@ def run_round(
         masked_bytes=masked,
         hospital_seconds=h_secs,
         server_seconds=s_secs,
+        signers=server.signers,
+        rejected={
+            r.hospital: f"{r.stage}: {type(r.error).__name__}: {r.error}" for r in server.rejections
+        },
     )
 
 

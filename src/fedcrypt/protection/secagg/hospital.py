@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,9 @@ from fedcrypt.protection.base import AggregateResult, check_update
 from fedcrypt.protection.secagg import shamir
 from fedcrypt.protection.secagg.config import RoundConfig, SecAggParams
 from fedcrypt.protection.secagg.errors import (
+    ConsistencyError,
     ReplayError,
+    SessionMismatchError,
     TooFewSurvivorsError,
     ViewMismatchError,
 )
@@ -38,11 +42,13 @@ from fedcrypt.protection.secagg.masking import (
 from fedcrypt.protection.secagg.messages import (
     SCHEME,
     STAGES,
+    consistency_message,
     digest,
     header_ids,
     open_reply,
     pack_reply,
     parse_request,
+    verify_consistency,
 )
 from fedcrypt.protection.secagg.primitives import (
     KEY_BYTES,
@@ -53,6 +59,7 @@ from fedcrypt.protection.secagg.primitives import (
     seal,
     u64,
 )
+from fedcrypt.protection.secagg.state import Progress, load_progress, save_progress
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,95 @@ def share_aad(*, session: bytes, round_: int, sender: int, receiver: int) -> byt
     return b"fedcrypt/secagg/v1/share\x00" + session + u64(round_) + u64(sender) + u64(receiver)
 
 
+@dataclass(frozen=True)
+class AggregateInfo:
+    """What a ``secagg`` aggregate says about itself (header, validated).
+
+    Attributes
+    ----------
+    config : RoundConfig
+        The round's configuration (nonce, invited hospitals, threshold, parameters).
+    session : str
+        Its session digest (recomputed from ``config``).
+    survivors : tuple of int
+        The hospitals whose updates it sums (``U3``).
+    """
+
+    config: RoundConfig
+    session: str
+    survivors: tuple[int, ...]
+
+
+def read_aggregate(
+    aggregate: bytes | memoryview,
+    *,
+    params: SecAggParams,
+    consortium_key: bytes | None = None,
+    masker: Masker | None = None,
+) -> tuple[AggregateResult, AggregateInfo]:
+    """Remove the group mask from a server aggregate, decode the FedAvg mean, and say whose.
+
+    Like :func:`decode_aggregate`, also returning the aggregate's :class:`AggregateInfo`.
+
+    Raises
+    ------
+    fedcrypt.exceptions.ProtocolError
+        If the aggregate is malformed, for other parameters, its session does not match
+        its configuration (:class:`SessionMismatchError`), or it decodes to an impossible
+        example count.
+    fedcrypt.exceptions.DecryptionError
+        If it does not unmask (wrong consortium key, or corrupted check element).
+    fedcrypt.exceptions.ConfigError
+        If a group mask is used and no consortium key is given.
+    """
+    env = wire.unpack(aggregate, expect_scheme=SCHEME)
+    hdr = env.header
+    if hdr.get("kind") != "aggregate":
+        raise ProtocolError("expected a secagg aggregate")
+    round_ = wire.header_int(hdr, "round", minimum=1)
+    size = wire.header_int(hdr, "size", minimum=EXTRA + 1)
+    survivors = header_ids(hdr, "survivors")
+    if hdr.get("params") != params.to_json():
+        raise ProtocolError("secagg aggregate was made with other parameters")
+    try:
+        config = RoundConfig.from_json(hdr.get("config"))
+    except ConfigError as exc:
+        raise ProtocolError(f"secagg aggregate carries an invalid configuration: {exc}") from exc
+    if config.params.to_json() != params.to_json() or config.round != round_:
+        raise ProtocolError("secagg aggregate does not match its configuration")
+    if hdr.get("session") != config.session:
+        raise SessionMismatchError("secagg aggregate's session does not match its configuration")
+    if config.vector_size + EXTRA != size:
+        raise ProtocolError("secagg aggregate's size does not match its configuration")
+    if not survivors:
+        raise ProtocolError("secagg aggregate names no contributing hospital")
+    if not set(survivors) <= set(config.hospital_ids):
+        raise ProtocolError("secagg aggregate names contributors that were not invited")
+    dtype = unsigned_dtype(params.bits)
+    if len(env.sections) != 1 or len(env.sections[0]) != size * dtype.itemsize:
+        raise ProtocolError("malformed secagg aggregate: payload does not match its size")
+    total = np.frombuffer(env.sections[0], dtype=dtype).copy()
+    if params.group_mask:
+        if consortium_key is None:
+            raise ConfigError("this consortium uses a group mask: a consortium key is required")
+        if masker is None or masker.size != size or masker.dtype != dtype:
+            masker = Masker(size, params.bits)
+        for owner in survivors:
+            key = group_mask_key(
+                consortium_key,
+                nonce=config.nonce,
+                invited=config.hospital_ids,
+                round_=round_,
+                owner=owner,
+                size=size,
+            )
+            masker.apply(total, key, sign=-1)
+        masker.wipe()
+    mean, count = dequantize(total, params)
+    result = AggregateResult(mean=mean, total_examples=count, num_updates=len(survivors))
+    return result, AggregateInfo(config=config, session=config.session, survivors=survivors)
+
+
 def decode_aggregate(
     aggregate: bytes | memoryview,
     *,
@@ -142,32 +238,10 @@ def decode_aggregate(
     fedcrypt.exceptions.ConfigError
         If a group mask is used and no consortium key is given.
     """
-    env = wire.unpack(aggregate, expect_scheme=SCHEME)
-    hdr = env.header
-    if hdr.get("kind") != "aggregate":
-        raise ProtocolError("expected a secagg aggregate")
-    round_ = wire.header_int(hdr, "round", minimum=1)
-    size = wire.header_int(hdr, "size", minimum=EXTRA + 1)
-    survivors = header_ids(hdr, "survivors")
-    if hdr.get("params") != params.to_json():
-        raise ProtocolError("secagg aggregate was made with other parameters")
-    if not survivors:
-        raise ProtocolError("secagg aggregate names no contributing hospital")
-    dtype = unsigned_dtype(params.bits)
-    if len(env.sections) != 1 or len(env.sections[0]) != size * dtype.itemsize:
-        raise ProtocolError("malformed secagg aggregate: payload does not match its size")
-    total = np.frombuffer(env.sections[0], dtype=dtype).copy()
-    if params.group_mask:
-        if consortium_key is None:
-            raise ConfigError("this consortium uses a group mask: a consortium key is required")
-        if masker is None or masker.size != size or masker.dtype != dtype:
-            masker = Masker(size, params.bits)
-        for owner in survivors:
-            key = group_mask_key(consortium_key, round_=round_, owner=owner, size=size)
-            masker.apply(total, key, sign=-1)
-        masker.wipe()
-    mean, count = dequantize(total, params)
-    return AggregateResult(mean=mean, total_examples=count, num_updates=len(survivors)), round_
+    result, info = read_aggregate(
+        aggregate, params=params, consortium_key=consortium_key, masker=masker
+    )
+    return result, info.config.round
 
 
 @dataclass
@@ -182,19 +256,28 @@ class _Round:
     seed: bytes | None
     next_stage: str = "share"
     advertise_digest: str = ""
+    u1: tuple[int, ...] = ()
     peers: dict[int, tuple[X25519PublicKey, X25519PublicKey]] = field(default_factory=dict)
     group: frozenset[int] = frozenset()
     own_shares: tuple[int, int] = (0, 0)
     received: dict[int, tuple[int, int]] = field(default_factory=dict)
     senders: tuple[int, ...] = ()
+    u3: tuple[int, ...] = ()
 
 
 class SecAggHospital:
     """One hospital's side of secure aggregation (Bonawitz et al. 2017; Bell et al. 2020).
 
+    Secure against an active server (the malicious-server variant of Bonawitz et al.,
+    §4): the hospital checks ``U1 ⊇ U2 ⊇ U3 ⊇ U4`` and every set's size, signs the
+    survivor set ``U3`` once per session, and reveals shares (once per session, one kind
+    per peer) only after verifying enough signatures of registered hospitals over the
+    same ``U3``.
+
     Holds the hospital's long-term Ed25519 signing key, the consortium's registry of
     Ed25519 public keys, and (with the group mask) the consortium key. Each round's X25519
     keys and self-mask seed are generated at :meth:`stage_advertise` and erased after
+    :meth:`stage_masked_input`; the Shamir shares received are erased after
     :meth:`stage_unmask`. Each stage answers one server request with one signed reply.
 
     Parameters
@@ -204,7 +287,8 @@ class SecAggHospital:
     signing_key : Ed25519PrivateKey
         Long-term key whose public half is ``registry[hospital_id]``.
     registry : mapping of int to Ed25519PublicKey
-        The consortium's registered hospital keys.
+        The consortium's registered hospital keys (from a source the hospital trusts:
+        the registry file generated with its identity key, never the server).
     params : SecAggParams
         The consortium's parameters; requests with other parameters are refused.
     consortium_key : bytes, optional
@@ -214,14 +298,22 @@ class SecAggHospital:
         ``rng(n) -> n random bytes`` for keys, seeds, nonces and Shamir coefficients
         (default: ``secrets.token_bytes``; inject only in tests).
     last_round : int, optional
-        The last round this hospital joined, persisted by the caller across runs; rounds
+        The last round this hospital joined, if the caller persists it itself; rounds
         not newer are refused (default: 0).
+    state_file : path, optional
+        Where to persist this hospital's progress (:mod:`~.secagg.state`: last round
+        joined, survivor set signed, shares revealed; mode 0600, atomic) so that a
+        repeated or older round, a second signature or a second reveal in one session is
+        refused across process restarts (default: None, in memory only; then
+        :meth:`export_state` carries it).
 
     Raises
     ------
     fedcrypt.exceptions.ConfigError
         If the signing key does not match the registry or the consortium key is missing
         or short.
+    StateFileError
+        If ``state_file`` exists but is unreadable, corrupt or another hospital's.
     """
 
     scheme = SCHEME
@@ -236,6 +328,7 @@ class SecAggHospital:
         consortium_key: bytes | None = None,
         rng: RandomBytes = secrets.token_bytes,
         last_round: int = 0,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         own = registry.get(hospital_id)
         if own is None or raw_ed25519(own) != raw_ed25519(signing_key.public_key()):
@@ -257,8 +350,13 @@ class SecAggHospital:
         self._registry = dict(registry)
         self._consortium_key = consortium_key if params.group_mask else None
         self._rng = rng
-        self._last_round = last_round
-        self._last_unprotected = last_round
+        self._state_file = None if state_file is None else Path(state_file)
+        progress = Progress(hospital=hospital_id, last_round=last_round)
+        if self._state_file is not None:
+            stored = load_progress(self._state_file, hospital_id=hospital_id)
+            if stored.last_round >= progress.last_round:
+                progress = stored
+        self._progress = progress
         self._round: _Round | None = None
         self._masker: Masker | None = None
 
@@ -283,6 +381,12 @@ class SecAggHospital:
             sections=sections or [],
         )
 
+    def _persist(self, progress: Progress) -> None:
+        """Record ``progress``; with a state file, on disk before any reply that needs it."""
+        if self._state_file is not None:
+            save_progress(self._state_file, progress)
+        self._progress = progress
+
     def _masker_for(self, size: int) -> Masker:
         """PRG buffers kept across rounds (no page faults on 2 x 4 bytes x P each round)."""
         if self._masker is None or self._masker.size != size:
@@ -304,7 +408,9 @@ class SecAggHospital:
                 f"{st.config.round if st else None}"
             )
         if env.header["session"] != st.session:
-            raise ProtocolError(f"secagg {stage!r} request is for another round configuration")
+            raise SessionMismatchError(
+                f"secagg {stage!r} request is for another session (round configuration)"
+            )
         if st.next_stage != stage:
             if st.next_stage == "done" or STAGES.index(stage) < STAGES.index(st.next_stage):
                 raise ReplayError(f"secagg stage {stage!r} was already answered in this round")
@@ -315,26 +421,37 @@ class SecAggHospital:
     def stage_advertise(self, request: bytes) -> bytes:
         """Stage 0: check the round configuration; advertise fresh signed X25519 keys.
 
+        The reply is signed over its header, which names the round and the session (the
+        digest of the configuration, including the server's nonce): the keys are bound
+        to this session. The round is recorded as joined (on disk, with a state file)
+        before the reply is returned.
+
         Raises
         ------
         ReplayError
             If the round is not newer than the last round this hospital joined.
         fedcrypt.exceptions.ProtocolError
-            If the configuration is invalid, uses other consortium parameters, does not
-            invite this hospital, or invites an unregistered one.
+            If the configuration is invalid (including a threshold below the
+            consortium's ``colluders`` bound), uses other consortium parameters, does
+            not invite this hospital, or invites an unregistered one.
+        StateFileError
+            If the state file cannot be written (no reply is sent).
         """
         env = parse_request(request, stage="advertise")
         got = env.header["round"]
-        if got <= self._last_round:
+        if got <= self._progress.last_round:
             raise ReplayError(
-                f"secagg round {got} is not newer than round {self._last_round} already joined"
+                f"secagg round {got} is not newer than round {self._progress.last_round} "
+                "already joined"
             )
         try:
             config = RoundConfig.from_json(env.header.get("config"))
         except ConfigError as exc:
             raise ProtocolError(f"secagg request carries an invalid configuration: {exc}") from exc
-        if config.round != got or config.session != env.header["session"]:
+        if config.round != got:
             raise ProtocolError("secagg advertise request does not match its configuration")
+        if config.session != env.header["session"]:
+            raise SessionMismatchError("secagg advertise request's session does not match")
         if config.params.to_json() != self.params.to_json():
             raise ProtocolError("secagg round uses parameters other than the consortium's")
         if self.hospital_id not in config.hospital_ids:
@@ -342,7 +459,7 @@ class SecAggHospital:
         unknown = [i for i in config.hospital_ids if i not in self._registry]
         if unknown:
             raise ProtocolError(f"secagg round invites unregistered hospitals {unknown}")
-        self._last_round = got
+        self._persist(self._progress.joined(got, config.session))
         mask_key = X25519PrivateKey.from_private_bytes(self._rng(KEY_BYTES))
         enc_key = X25519PrivateKey.from_private_bytes(self._rng(KEY_BYTES))
         self._round = _Round(
@@ -366,11 +483,15 @@ class SecAggHospital:
 
         Raises
         ------
-        SignatureError, ReplayError, ViewMismatchError, fedcrypt.exceptions.ProtocolError
-            If an advertisement is forged, from another round, answers another request,
-            or keys repeat.
+        SignatureError, ReplayError, SessionMismatchError, ViewMismatchError
+            If an advertisement is forged or signed by an unregistered key, from another
+            round or session, or answers another request.
+        fedcrypt.exceptions.ProtocolError
+            If advertisements are malformed, name uninvited hospitals (``U1`` not a
+            subset of the invited set), or keys repeat.
         TooFewSurvivorsError
-            If fewer than ``threshold`` hospitals advertised.
+            If fewer hospitals advertised than the round needs
+            (:attr:`RoundConfig.signatures_needed`, ``t`` with the complete graph).
         """
         st, env = self._begin(request, "share")
         cfg = st.config
@@ -395,8 +516,8 @@ class SecAggHospital:
         assert st.mask_key is not None and st.enc_key is not None and st.seed is not None
         if raw.get(self.hospital_id) != (raw_public(st.mask_key), raw_public(st.enc_key)):
             raise ProtocolError("secagg share request lacks or alters this hospital's keys")
-        if len(senders) < cfg.t:
-            raise TooFewSurvivorsError("share", len(senders), cfg.t)
+        if len(senders) < cfg.signatures_needed:
+            raise TooFewSurvivorsError("share", len(senders), cfg.signatures_needed)
         flat = [k for pair in raw.values() for k in pair]
         if len(set(flat)) != len(flat):
             raise ProtocolError("secagg advertisements repeat a public key")
@@ -404,6 +525,7 @@ class SecAggHospital:
             hid: (load_x25519_public(m, sender=hid), load_x25519_public(e, sender=hid))
             for hid, (m, e) in raw.items()
         }
+        st.u1 = senders
         graph = neighbour_graph(
             senders, neighbours=cfg.params.neighbours, seed=graph_seed(st.session, raw)
         )
@@ -440,7 +562,8 @@ class SecAggHospital:
         Sends ``y_i = q_i + PRG(b_i) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij)
         [+ PRG(g_i)] (mod 2^bits)`` where ``q_i`` is :func:`~.masking.quantize` of
         ``num_examples * update`` (with the count appended), ``j`` ranges over the
-        neighbours that shared keys, and ``g_i`` is the group-mask key.
+        neighbours that sent shares (this hospital's view of ``U2``), and ``g_i`` is the
+        session-bound group-mask key (:func:`~.masking.group_mask_key`).
 
         Parameters
         ----------
@@ -457,9 +580,14 @@ class SecAggHospital:
             If ``update`` or ``num_examples`` is invalid (a
             :class:`~fedcrypt.exceptions.ConfigError` if above ``max_examples``).
         ShareAuthenticationError
-            If a forwarded share fails authentication.
+            If a forwarded share fails authentication (tampered, or encrypted for
+            another session, round, sender or receiver).
+        fedcrypt.exceptions.ProtocolError
+            If the request names senders outside this hospital's share group (``U2``
+            not a subset of ``U1``).
         TooFewSurvivorsError
-            If fewer than ``threshold`` members of this hospital's share group remain.
+            If the server forwarded fewer peers than the protocol needs: this hospital's
+            view of ``U2`` within its share group (peers plus itself) is below ``t``.
         """
         vec = check_update(update, num_examples)
         st, env = self._begin(request, "masked_input")
@@ -471,6 +599,10 @@ class SecAggHospital:
         senders = header_ids(env.header, "senders")
         if len(env.sections) != len(senders) or not set(senders) <= st.group:
             raise ProtocolError("malformed secagg masked-input request: senders do not match")
+        if len(senders) + 1 < cfg.t:
+            raise TooFewSurvivorsError(
+                "masked_input", len(senders) + 1, cfg.t, "peers forwarded to this hospital"
+            )
         assert st.enc_key is not None and st.mask_key is not None and st.seed is not None
         me = self.hospital_id
         received: dict[int, tuple[int, int]] = {}
@@ -485,8 +617,6 @@ class SecAggHospital:
             b_share = shamir.decode(plain[16 : 16 + shamir.SHARE_BYTES])
             s_share = shamir.decode(plain[16 + shamir.SHARE_BYTES :])
             received[i] = (b_share, s_share)
-        if len(senders) + 1 < cfg.t:
-            raise TooFewSurvivorsError("masked_input", len(senders) + 1, cfg.t, "share group")
         y = quantize(vec, int(num_examples), self.params)
         masker = self._masker_for(y.shape[0])
         masker.apply(y, self_mask_key(st.seed, session=st.session_bytes, owner=me), sign=1)
@@ -495,14 +625,21 @@ class SecAggHospital:
             masker.apply(y, key, sign=1 if me < j else -1)
         if self.params.group_mask:
             assert self._consortium_key is not None
-            gkey = group_mask_key(self._consortium_key, round_=cfg.round, owner=me, size=y.shape[0])
+            gkey = group_mask_key(
+                self._consortium_key,
+                nonce=cfg.nonce,
+                invited=cfg.hospital_ids,
+                round_=cfg.round,
+                owner=me,
+                size=y.shape[0],
+            )
             masker.apply(y, gkey, sign=1)
         masker.wipe()
         st.received = received
         st.senders = senders
         # Forward secrecy: the round's private keys and seed are no longer needed here.
         st.mask_key = st.enc_key = st.seed = None
-        st.next_stage = "unmask"
+        st.next_stage = "consistency"
         return self._reply(
             "masked_input",
             request,
@@ -510,34 +647,126 @@ class SecAggHospital:
             sections=[y.data.cast("B")],
         )
 
-    def stage_unmask(self, request: bytes) -> bytes:
-        """Stage 3: reveal, per share-group member, its share of ``b`` or of ``s``.
+    def _check_survivors(self, st: _Round, survivors: tuple[int, ...]) -> None:
+        """``U3`` against this hospital's views of ``U1`` and ``U2``, and its size."""
+        cfg = st.config
+        me = self.hospital_id
+        if me not in survivors:
+            raise ConsistencyError("secagg survivor set does not list this hospital")
+        if not set(survivors) <= set(st.u1):
+            raise ConsistencyError(
+                "secagg survivor set names hospitals that never advertised keys (U3 is not "
+                "a subset of U1)"
+            )
+        mine = st.group | {me}
+        if (set(survivors) & mine) - (set(st.senders) | {me}):
+            raise ConsistencyError(
+                "secagg survivor set names share-group members whose shares the server did "
+                "not forward to this hospital (U3 is not a subset of U2)"
+            )
+        in_group = len(set(survivors) & mine)
+        if in_group < cfg.t:
+            raise TooFewSurvivorsError("consistency", in_group, cfg.t, "this share group")
+        if len(survivors) < cfg.signatures_needed:
+            raise TooFewSurvivorsError("consistency", len(survivors), cfg.signatures_needed)
 
-        The share of ``b_j`` if ``j`` survived stage 2, of ``s_j`` if it dropped out; never
-        both for one member: the stage is answered once per round.
+    def stage_consistency(self, request: bytes) -> bytes:
+        """Stage 3: check the survivor set ``U3``; sign it (once per session).
+
+        The reply carries a detached Ed25519 signature over
+        :func:`~.messages.consistency_message` (session, round, ``U3``) that the server
+        forwards to the other hospitals. The signature is recorded (on disk, with a state
+        file) before the reply is returned, so this hospital never signs two survivor
+        sets in one session, also across restarts.
 
         Raises
         ------
-        ReplayError
-            If asked twice.
-        fedcrypt.exceptions.ProtocolError
-            If this hospital is not listed as a survivor or the survivor list contradicts
-            its view of who shared keys.
+        ConsistencyError
+            If this hospital is not in ``U3``, or ``U3`` names hospitals outside its view
+            of ``U1`` or share-group members outside its view of ``U2``.
         TooFewSurvivorsError
-            If fewer than ``threshold`` survivors are listed.
+            If ``U3`` has fewer than ``t`` members of this hospital's share group or
+            fewer than :attr:`RoundConfig.signatures_needed` members.
+        ReplayError
+            If asked twice, or it already signed a survivor set in this session.
         """
-        st, env = self._begin(request, "unmask")
+        st, env = self._begin(request, "consistency")
         cfg = st.config
         survivors = header_ids(env.header, "survivors")
+        self._check_survivors(st, survivors)
+        if self._progress.session == st.session and self._progress.signed:
+            raise ReplayError("this hospital already signed a survivor set in this session")
+        message = consistency_message(st.session, cfg.round, survivors)
+        self._persist(replace(self._progress, signed=digest(message)))
+        signature = self._signing_key.sign(message)
+        st.u3 = survivors
+        st.next_stage = "unmask"
+        return self._reply(
+            "consistency", request, extra={"survivors": list(survivors)}, sections=[signature]
+        )
+
+    def _check_consistency(self, st: _Round, env: wire.Envelope) -> None:
+        """Verify the forwarded consistency signatures (Bonawitz et al. 2017, round 4).
+
+        Raises
+        ------
+        ConsistencyError
+            Signers outside ``U3`` (``U4`` not a subset of ``U3``) or unregistered, any
+            signature that does not verify over the ``U3`` this hospital signed, or fewer
+            than :attr:`RoundConfig.signatures_needed` of them.
+        """
+        cfg = st.config
+        signers = header_ids(env.header, "signers")
+        if len(env.sections) != len(signers):
+            raise ProtocolError("malformed secagg unmask request: signatures do not match")
+        if not set(signers) <= set(st.u3):
+            raise ConsistencyError(
+                "secagg unmask request lists signers outside the survivor set (U4 is not a "
+                "subset of U3)"
+            )
+        message = consistency_message(st.session, cfg.round, st.u3)
+        for who, sig in zip(signers, env.sections, strict=True):
+            key = self._registry.get(who)
+            if key is None or not verify_consistency(key, sig, message):
+                raise ConsistencyError(
+                    f"hospital {who}'s consistency signature does not verify over the "
+                    "survivor set this hospital signed: the server showed hospitals "
+                    "different survivor sets (refusing to reveal shares)"
+                )
+        if len(signers) < cfg.signatures_needed:
+            raise ConsistencyError(
+                f"only {len(signers)} consistency signature(s) over the survivor set, "
+                f"{cfg.signatures_needed} needed: refusing to reveal shares"
+            )
+
+    def stage_unmask(self, request: bytes) -> bytes:
+        """Stage 4: after the consistency check, reveal per share-group member one share.
+
+        Reveals the share of ``b_j`` if ``j`` is in ``U3``, of ``s_j`` if not, for each
+        share-group member ``j`` whose shares this hospital received (and itself): never
+        both for one member, and at most once per session (recorded, on disk with a
+        state file, before the reply is returned).
+
+        Raises
+        ------
+        ConsistencyError
+            If the request names another survivor set than the one this hospital signed,
+            or its signatures fail the check (:meth:`_check_consistency`).
+        ReplayError
+            If asked twice, or this hospital already revealed shares in this session.
+        """
+        st, env = self._begin(request, "unmask")
+        survivors = header_ids(env.header, "survivors")
+        if survivors != st.u3:
+            raise ConsistencyError(
+                "secagg unmask request names a survivor set other than the one this "
+                "hospital signed (refusing to reveal shares)"
+            )
+        self._check_consistency(st, env)
+        if self._progress.session == st.session and self._progress.revealed:
+            raise ReplayError("this hospital already revealed its shares in this session")
         me = self.hospital_id
-        if me not in survivors or not set(survivors) <= set(cfg.hospital_ids):
-            raise ProtocolError("secagg unmask request: survivor list is inconsistent")
-        if len(survivors) < cfg.t:
-            raise TooFewSurvivorsError("unmask", len(survivors), cfg.t)
-        members = set(st.senders) | {me}
-        if (set(survivors) & (st.group | {me})) - members:
-            raise ProtocolError("secagg unmask request lists a survivor that never shared keys")
-        owners = sorted(members)
+        owners = sorted(set(st.senders) | {me})
         shares = dict(st.received)
         shares[me] = st.own_shares
         kinds = "".join("b" if o in survivors else "s" for o in owners)
@@ -545,6 +774,7 @@ class SecAggHospital:
             shamir.encode(shares[o][0] if k == "b" else shares[o][1])
             for o, k in zip(owners, kinds, strict=True)
         ]
+        self._persist(replace(self._progress, revealed=True))
         reply = self._reply(
             "unmask", request, extra={"owners": owners, "kinds": kinds}, sections=sections
         )
@@ -557,30 +787,67 @@ class SecAggHospital:
         """Remove the group mask from the server's aggregate and return the FedAvg mean.
 
         Works at any consortium hospital, also one not invited to the aggregate's round.
+        For the round this hospital took part in, the aggregate must be of the same
+        session.
 
         Raises
         ------
         ReplayError
             If the aggregate is older than a round this hospital joined or unprotected.
+        SessionMismatchError
+            If it is for this hospital's current round but another session.
         fedcrypt.exceptions.ProtocolError
             If malformed, for other parameters, or the unmasked example count is
             impossible.
         fedcrypt.exceptions.DecryptionError
             If it does not unmask with this hospital's consortium key.
         """
+        header = wire.unpack(aggregate, expect_scheme=SCHEME).header
+        claimed = wire.header_int(header, "round", minimum=1)
+        newest = max(self._progress.last_round, self._progress.last_unprotected)
+        if claimed < newest:
+            raise ReplayError(f"secagg aggregate is for round {claimed}, older than round {newest}")
+        return self._unmask_aggregate(aggregate)
+
+    def unprotect_missed(self, aggregate: bytes, *, expected_round: int) -> AggregateResult:
+        """Unprotect the aggregate of a round this hospital missed (a catch-up).
+
+        A hospital that dropped out of round ``r`` (or was offline) gets round ``r``'s
+        aggregate later, with its next request, and applies the missed mean deltas in
+        order. Unlike :meth:`unprotect` this accepts a round older than the newest it
+        joined, but only the one the caller expects (the round after the global model it
+        holds), so a server cannot make it adopt an aggregate out of order.
+
+        Raises
+        ------
+        ReplayError
+            If the aggregate is not for ``expected_round``.
+        fedcrypt.exceptions.ProtocolError, fedcrypt.exceptions.DecryptionError
+            As :meth:`unprotect`.
+        """
+        header = wire.unpack(aggregate, expect_scheme=SCHEME).header
+        claimed = wire.header_int(header, "round", minimum=1)
+        if claimed != expected_round:
+            raise ReplayError(
+                f"catch-up aggregate is for round {claimed}, this hospital expected round "
+                f"{expected_round}"
+            )
+        return self._unmask_aggregate(aggregate)
+
+    def _unmask_aggregate(self, aggregate: bytes) -> AggregateResult:
         size = self._masker.size if self._masker is not None else 0
-        result, round_ = decode_aggregate(
+        result, info = read_aggregate(
             aggregate,
             params=self.params,
             consortium_key=self._consortium_key,
             masker=self._masker_for(size) if size else None,
         )
-        if round_ < max(self._last_round, self._last_unprotected):
-            raise ReplayError(
-                f"secagg aggregate is for round {round_}, older than round "
-                f"{max(self._last_round, self._last_unprotected)}"
-            )
-        self._last_unprotected = round_
+        round_ = info.config.round
+        st = self._round
+        if st is not None and st.config.round == round_ and info.session != st.session:
+            raise SessionMismatchError(f"secagg aggregate of round {round_} is for another session")
+        if round_ > self._progress.last_unprotected:
+            self._persist(replace(self._progress, last_unprotected=round_))
         return result
 
     def forget_round(self) -> None:
@@ -589,8 +856,13 @@ class SecAggHospital:
 
     @property
     def last_round(self) -> int:
-        """The last round this hospital joined (persist it to refuse replays across runs)."""
-        return self._last_round
+        """The last round this hospital joined (persisted with ``state_file``)."""
+        return self._progress.last_round
+
+    @property
+    def progress(self) -> Progress:
+        """What this hospital has agreed to so far (:class:`~.state.Progress`)."""
+        return self._progress
 
     # -- state for stateless hosts (e.g. a Flower ClientApp between messages) -----------
     def export_state(self) -> bytes:
@@ -610,6 +882,7 @@ class SecAggHospital:
                 "mask_key": None if st.mask_key is None else st.mask_key.private_bytes_raw().hex(),
                 "enc_key": None if st.enc_key is None else st.enc_key.private_bytes_raw().hex(),
                 "seed": None if st.seed is None else st.seed.hex(),
+                "u1": list(st.u1),
                 "peers": {
                     str(i): [raw_public(m).hex(), raw_public(e).hex()]
                     for i, (m, e) in st.peers.items()
@@ -621,18 +894,21 @@ class SecAggHospital:
                     for i, (b, s) in st.received.items()
                 },
                 "senders": list(st.senders),
+                "u3": list(st.u3),
             }
         header = {
             "scheme": _STATE_SCHEME,
             "hospital": self.hospital_id,
-            "last_round": self._last_round,
-            "last_unprotected": self._last_unprotected,
+            "progress": asdict(self._progress),
             "round": rnd,
         }
         return wire.pack(header, [])
 
     def import_state(self, data: bytes) -> None:
         """Continue from :meth:`export_state` output of this hospital.
+
+        With a ``state_file`` the file stays authoritative for what this hospital has
+        agreed to (an older blob cannot make it sign or reveal twice).
 
         Raises
         ------
@@ -643,8 +919,19 @@ class SecAggHospital:
         hdr = wire.unpack(data, expect_scheme=_STATE_SCHEME).header
         if hdr.get("hospital") != self.hospital_id:
             raise ProtocolError("secagg state belongs to another hospital")
-        last = wire.header_int(hdr, "last_round")
-        if last < self._last_round:
+        try:
+            p = dict(hdr["progress"])
+            progress = Progress(
+                hospital=self.hospital_id,
+                last_round=int(p["last_round"]),
+                session=str(p["session"]),
+                signed=str(p["signed"]),
+                revealed=bool(p["revealed"]),
+                last_unprotected=int(p["last_unprotected"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed secagg hospital state: {exc}") from exc
+        if progress.last_round < self._progress.last_round:
             raise ProtocolError("secagg state is older than this hospital's last round")
         try:
             rnd = hdr["round"]
@@ -672,18 +959,20 @@ class SecAggHospital:
                     seed=None if rnd["seed"] is None else bytes.fromhex(rnd["seed"]),
                     next_stage=str(rnd["next_stage"]),
                     advertise_digest=str(rnd["advertise_digest"]),
+                    u1=tuple(int(i) for i in rnd["u1"]),
                     peers={int(i): (pub(m), pub(e)) for i, (m, e) in rnd["peers"].items()},
                     group=frozenset(int(i) for i in rnd["group"]),
                     own_shares=(num(rnd["own_shares"][0]), num(rnd["own_shares"][1])),
                     received={int(i): (num(b), num(s)) for i, (b, s) in rnd["received"].items()},
                     senders=tuple(int(i) for i in rnd["senders"]),
+                    u3=tuple(int(i) for i in rnd["u3"]),
                 )
                 if st.next_stage not in (*STAGES, "done"):
                     raise ValueError(f"unknown stage {st.next_stage!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"malformed secagg hospital state: {exc}") from exc
-        self._last_round = last
-        self._last_unprotected = wire.header_int(hdr, "last_unprotected")
+        if self._state_file is None:
+            self._progress = progress
         self._round = st
 
 

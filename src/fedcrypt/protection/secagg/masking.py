@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from numpy.typing import NDArray
@@ -127,13 +129,56 @@ def self_mask_key(seed: bytes, *, session: bytes, owner: int) -> bytes:
     return hkdf(seed, info=b"self-mask\x00" + u64(owner), salt=session)
 
 
-def group_mask_key(consortium_key: bytes, *, round_: int, owner: int, size: int) -> bytes:
-    """PRG key of hospital ``owner``'s group mask in round ``round_``.
+def group_mask_key(
+    consortium_key: bytes,
+    *,
+    nonce: str,
+    invited: Sequence[int],
+    round_: int,
+    owner: int,
+    size: int,
+) -> bytes:
+    """PRG key of hospital ``owner``'s group mask in one session.
 
-    Depends only on the consortium key, the round, the owner and the vector size, so any
-    consortium hospital (also one not invited to the round) can remove it.
+    ``HKDF-SHA256(consortium key, info = "group-mask" || nonce || round || |invited| ||
+    invited ids (sorted) || owner || size)``: bound to the session's random nonce, the
+    sorted invited set and the round, so a group mask (or a masked vector) of another
+    session, another invited set or another round is useless here. Any consortium
+    hospital (also one not invited to the round) can remove it: the aggregate names the
+    nonce, the invited set and the contributors.
+
+    Parameters
+    ----------
+    consortium_key : bytes
+        The consortium's group-mask key (at least 32 bytes; hospitals only).
+    nonce : str
+        The round configuration's 32 hex digits (:attr:`RoundConfig.nonce`).
+    invited : sequence of int
+        The invited hospital ids (sorted here).
+    round_ : int
+        Round number.
+    owner : int
+        The hospital whose mask this is.
+    size : int
+        Vector length ``P + 2``.
+
+    Raises
+    ------
+    ValueError
+        If ``nonce`` is not 32 hex digits.
     """
-    info = b"group-mask\x00" + u64(round_) + u64(owner) + u64(size)
+    ids = sorted(int(i) for i in invited)
+    info = (
+        b"group-mask\x00"
+        + bytes.fromhex(nonce)
+        + u64(round_)
+        + u64(len(ids))
+        + b"".join(u64(i) for i in ids)
+        + u64(owner)
+        + u64(size)
+    )
+    if len(nonce) != 32:
+        raise ValueError("nonce must be 32 hex digits")
     return hkdf(consortium_key, info=info)
 
 

@@ -5,6 +5,10 @@ and a header naming its ``kind`` (``request``, ``reply`` or ``aggregate``), ``st
 ``round`` and ``session`` (SHA-256 of the round configuration). A reply additionally
 names its ``sender`` and the SHA-256 of the request it answers, and carries an Ed25519
 signature (last section) over SHA-256 of the canonical header and every other section.
+
+The consistency stage's reply also carries a *detached* Ed25519 signature over
+:func:`consistency_message` (session, round, survivor set), which the server forwards to
+the other hospitals in the unmask request.
 """
 
 from __future__ import annotations
@@ -23,12 +27,49 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedcrypt.exceptions import ProtocolError
 from fedcrypt.protection import wire
 from fedcrypt.protection.secagg.config import MAX_HOSPITAL_ID
-from fedcrypt.protection.secagg.errors import ReplayError, SignatureError
-from fedcrypt.protection.secagg.primitives import DOMAIN
+from fedcrypt.protection.secagg.errors import ReplayError, SessionMismatchError, SignatureError
+from fedcrypt.protection.secagg.primitives import DOMAIN, u64
 
 SCHEME = "secagg"
-STAGES = ("advertise", "share", "masked_input", "unmask")
+STAGES = ("advertise", "share", "masked_input", "consistency", "unmask")
+"""The five request/reply exchanges of one round, in order (Bonawitz et al. 2017, Fig. 4)."""
 SIGNATURE_BYTES = 64
+
+
+def consistency_message(session: str, round_: int, survivors: Sequence[int]) -> bytes:
+    """What each hospital signs in the consistency stage: the survivor set ``U3``.
+
+    ``DOMAIN || "consistency" || session (32 bytes) || round || |U3| || ids of U3``
+    (each an 8-byte big-endian integer, ids sorted). The session digest already binds
+    the round configuration (nonce, invited hospitals, threshold, parameters).
+
+    Raises
+    ------
+    ValueError
+        If ``session`` is not 64 hex digits.
+    """
+    ids = sorted(int(i) for i in survivors)
+    return (
+        DOMAIN
+        + b"consistency\x00"
+        + bytes.fromhex(session)
+        + u64(round_)
+        + u64(len(ids))
+        + b"".join(u64(i) for i in ids)
+    )
+
+
+def verify_consistency(
+    key: Ed25519PublicKey, signature: bytes | memoryview, message: bytes
+) -> bool:
+    """Whether ``signature`` is a valid Ed25519 signature of ``message`` under ``key``."""
+    if len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        key.verify(bytes(signature), message)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def digest(data: bytes | memoryview) -> str:
@@ -88,9 +129,16 @@ def parse_request(data: bytes | memoryview, *, stage: str) -> wire.Envelope:
     Raises
     ------
     fedcrypt.exceptions.ProtocolError
-        If malformed or for another stage.
+        If malformed or for another stage (a :class:`ReplayError` if it is a request of
+        another stage of this protocol).
     """
     env = wire.unpack(data, expect_scheme=SCHEME)
+    if env.header.get("kind") == "request" and env.header.get("stage") in STAGES:
+        if env.header.get("stage") != stage:
+            raise ReplayError(
+                f"expected a secagg {stage!r} request, got one for stage "
+                f"{env.header.get('stage')!r}"
+            )
     if env.header.get("kind") != "request" or env.header.get("stage") != stage:
         raise ProtocolError(
             f"expected a secagg {stage!r} request, got {env.header.get('kind')!r} "
@@ -162,17 +210,19 @@ def open_reply(
     """Parse and verify a signed hospital reply.
 
     Checks, in order: well-formed; signed by the registered key of its ``sender``;
-    for ``round_`` (else :class:`ReplayError`); for ``stage`` and ``session``; from the
-    expected ``sender`` if given.
+    for ``round_`` and ``stage`` (else :class:`ReplayError`); for ``session`` (else
+    :class:`SessionMismatchError`); from the expected ``sender`` if given.
 
     Raises
     ------
     fedcrypt.exceptions.ProtocolError
-        Malformed, wrong stage/session/sender.
+        Malformed, or from another sender than expected.
     SignatureError
-        Unregistered sender or bad signature.
+        Unregistered sender or bad signature (e.g. signed by an unregistered key).
     ReplayError
-        Validly signed but for another round.
+        Validly signed but for another round or stage.
+    SessionMismatchError
+        Validly signed, this round and stage, but another session (run/configuration).
     """
     env = wire.unpack(data, expect_scheme=SCHEME)
     hdr = env.header
@@ -200,7 +250,9 @@ def open_reply(
             f"expected {stage!r}"
         )
     if hdr.get("session") != session:
-        raise ProtocolError(f"secagg reply from hospital {who} is for another round configuration")
+        raise SessionMismatchError(
+            f"secagg reply from hospital {who} is for another session (round configuration)"
+        )
     if sender is not None and who != sender:
         raise ProtocolError(f"secagg reply signed by hospital {who} arrived as hospital {sender}")
     req = hdr.get("request")

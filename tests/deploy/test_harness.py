@@ -14,15 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcrypt.config import RunConfig
-from fedcrypt.federation.deploy_local import (
-    _node_config,
-    deploy_locally,
-    make_node_key_pair,
-    make_tls_files,
-)
+from fedcrypt.deploy import deploy_locally, make_node_key_pair, make_tls_files
+from fedcrypt.deploy.flwr_cli import node_config
 
 APP_DIR = Path(__file__).resolve().parents[2] / "deploy"
-SERVER_ONLY_KEYS = {"server-key", "run-dir"}
+SERVER_ONLY_KEYS = {"server-key", "run-dir", "resume"}
 
 
 def _app_config() -> dict[str, object]:
@@ -75,7 +71,7 @@ def test_node_config_parses_back(tmp_path: Path) -> None:
     from flwr.common.config import parse_config_args
 
     key = tmp_path / "a dir" / "hospital.key"
-    text = _node_config({"partition-id": 1, "num-partitions": 3, "hospital-key": str(key)})
+    text = node_config({"partition-id": 1, "num-partitions": 3, "hospital-key": str(key)})
     assert parse_config_args([text]) == {
         "partition-id": 1,
         "num-partitions": 3,
@@ -126,3 +122,33 @@ def test_one_he_round_on_the_deployment_engine(tmp_path: Path) -> None:
     assert "hospital.key" not in (work / "operator" / "run-config.toml").read_text()
     for hospital in work.glob("hospital-*"):
         assert stat.S_IMODE((hospital / "hospital.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(600)
+def test_breastmnist_where_only_the_hospitals_hold_the_data(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """The server needs no data: the hospitals build the model from the task's factory."""
+    pytest.importorskip("tenseal")
+    data = tmp_path / "hospital-data"
+    data.mkdir()
+    (data / "breastmnist.npz").symlink_to(shared_data / "breastmnist.npz")
+    work = tmp_path / "deployment"
+    result = deploy_locally(
+        app_dir=APP_DIR,
+        work_dir=work,
+        clients=3,
+        rounds=1,
+        protection="he",
+        run_config={"dataset": "breastmnist", "local-epochs": 1},
+        data_dir=data,
+        timeout=420,
+    )
+    assert result.status == "finished:completed"
+    assert result.metrics["config"]["dataset"] == "breastmnist"
+    assert result.metrics["config"]["model"] == "cnn"
+    assert result.metrics["info"]["parameters"] > 10_000
+    assert math.isfinite(result.metrics["rounds"][0]["auc"])
+    # nothing of the data set reached the server's folder
+    assert not list((work / "server").rglob("*.npz"))

@@ -1,0 +1,361 @@
+"""LocalSite: the one hospital-side unit (model, data, train, evaluate, protect/unprotect).
+
+Every place a hospital acts goes through it: the Flower ClientApp (``he``/``plain``), the
+secagg ClientApp, the portal's participate loop and the benches. It is the only place
+where a secret key and unprotected weights meet, and it holds the one seed formula.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import DataLoader
+
+from fedcrypt.config import RunConfig
+from fedcrypt.exceptions import ConfigError, FedcryptError, ProtocolError, TaskError
+from fedcrypt.protection.base import AggregateResult, HospitalProtection
+from fedcrypt.protection.flatten import Layout, flatten, unflatten
+from fedcrypt.task import HospitalDatasets, Task, TaskInfo, TrainSettings, inspect_task, load_task
+from fedcrypt.training import evaluate, train
+from fedcrypt.training.metrics import roc_curve_points
+
+log = logging.getLogger(__name__)
+
+#: Learning rate when neither the run nor the task names one.
+FALLBACK_LR = 1e-3
+#: Batch size of evaluation loaders.
+EVAL_BATCH = 256
+
+
+def task_for(config: RunConfig) -> Task:
+    """The run's task: ``config.task`` loaded by reference, or the built-in one.
+
+    Raises
+    ------
+    fedcrypt.exceptions.TaskError
+        If the reference cannot be loaded.
+    fedcrypt.exceptions.DataError, fedcrypt.exceptions.ConfigError
+        If the built-in dataset or model cannot be made.
+    """
+    if config.task:
+        return load_task(config.task)
+    from fedcrypt.tasks.builtin import builtin_task
+
+    return builtin_task(
+        dataset=config.dataset,
+        data_dir=config.data_dir,
+        model=config.model,
+        partition=config.partition,
+        alpha=config.alpha,
+        val_fraction=config.val_fraction,
+        width_mult=config.width_mult,
+        weights=config.weights,
+        seed=config.seed,
+    )
+
+
+def round_seed(config: RunConfig, *, server_round: int, hospital: int) -> int:
+    """The training seed of one hospital's round: the one formula every path uses.
+
+    It depends only on the run seed, the round and the hospital, so every protection
+    mode trains identically from identical weights.
+    """
+    return config.seed * 100_003 + server_round * 1_009 + hospital
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA if available, else the CPU; ``cuda`` without a GPU is refused.
+
+    Raises
+    ------
+    fedcrypt.exceptions.ConfigError
+        If ``cuda`` is asked for and no CUDA device is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(device)
+
+
+def build_model(task: Task, *, seed: int) -> torch.nn.Module:
+    """The task's model, seeded so every party builds identical initial weights.
+
+    Raises
+    ------
+    fedcrypt.exceptions.TaskError
+        If the factory fails or returns something other than an ``nn.Module``.
+    """
+    torch.manual_seed(seed)
+    try:
+        model = task.model()
+    except FedcryptError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"task {task.name!r}: model() failed: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise TaskError(f"task {task.name!r}: model() did not return an nn.Module")
+    return model
+
+
+def weights_digest(vector: NDArray[np.floating]) -> str:
+    """sha256 (hex, 16 chars) of a flat float64 weight vector (parties compare it)."""
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f8").tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class LocalSite:
+    """One hospital: its task's model and data, training, evaluation and protection.
+
+    Parameters
+    ----------
+    task : Task
+        The consortium's task.
+    config : RunConfig
+        The run (``lr`` None falls back to the task's, then 1e-3).
+    hospital : int
+        This hospital's index, ``0 <= hospital < num_hospitals``.
+    num_hospitals : int
+        Hospitals in the consortium (the task's data is split among them).
+    protection : HospitalProtection, optional
+        This hospital's half of a single-message protection scheme (``plain``/``he``);
+        None for staged schemes (secagg protects with its own protocol object).
+    output_dir : Path, optional
+        Where the final global model is saved (``model.pt``).
+
+    Raises
+    ------
+    fedcrypt.exceptions.ProtocolError
+        If ``hospital`` is out of range.
+    fedcrypt.exceptions.TaskError
+        If the task's model or datasets cannot be built.
+    """
+
+    task: Task
+    config: RunConfig
+    hospital: int
+    num_hospitals: int
+    protection: HospitalProtection | None = None
+    output_dir: Path | None = None
+    info: TaskInfo = field(init=False)
+    model: torch.nn.Module = field(init=False)
+    layout: Layout = field(init=False)
+    data: HospitalDatasets = field(init=False)
+    initial: NDArray[np.float64] = field(init=False, repr=False)
+    device: torch.device = field(init=False)
+    _loaders: dict[str, DataLoader[Any]] = field(init=False, repr=False)
+    _cache: tuple[str, AggregateResult] | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hospital < self.num_hospitals:
+            raise ProtocolError(f"hospital {self.hospital} is outside 0..{self.num_hospitals - 1}")
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.model = build_model(self.task, seed=cfg.seed)
+        self.layout = Layout.of(self.model.state_dict())
+        self.initial = flatten(self.model.state_dict())
+        try:
+            self.data = self.task.datasets(self.hospital, self.num_hospitals, cfg.seed)
+        except FedcryptError:
+            raise
+        except Exception as exc:
+            raise TaskError(f"task {self.task.name!r}: datasets() failed: {exc}") from None
+        self.info = inspect_task(
+            self.task,
+            num_hospitals=self.num_hospitals,
+            seed=cfg.seed,
+            hospital=self.hospital,
+            model=self.model,
+            data=self.data,
+        )
+        self.model.to(self.device)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.hospital)
+        self._loaders = {
+            "train": DataLoader(
+                self.data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator
+            )
+        }
+        for split in ("val", "test"):
+            ds = getattr(self.data, split)
+            if ds is not None and len(ds) > 0:
+                self._loaders[split] = DataLoader(ds, batch_size=EVAL_BATCH, shuffle=False)
+
+    # -- facts --------------------------------------------------------------------------
+    @property
+    def num_train(self) -> int:
+        """Training examples: this hospital's FedAvg weight."""
+        return len(self.data.train)  # type: ignore[arg-type]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate this site trains with."""
+        return self.config.lr or self.task.lr or FALLBACK_LR
+
+    def round_seed(self, server_round: int) -> int:
+        """See :func:`round_seed`."""
+        return round_seed(self.config, server_round=server_round, hospital=self.hospital)
+
+    # -- weights ------------------------------------------------------------------------
+    def weights(self) -> NDArray[np.float64]:
+        """The model's current weights, flat, shape ``(P,)``, float64."""
+        return flatten(self.model.state_dict())
+
+    def load(self, vector: NDArray[np.floating]) -> None:
+        """Load a flat weight vector of shape ``(P,)`` into the model.
+
+        Raises
+        ------
+        fedcrypt.exceptions.ProtocolError
+            If the vector does not have this model's ``P`` values (or is not finite).
+        """
+        if vector.shape != (self.layout.size,):
+            raise ProtocolError(
+                f"global model has {vector.size} values, this hospital's model has "
+                f"{self.layout.size}: the parties disagree on the model"
+            )
+        if not np.all(np.isfinite(vector)):
+            raise ProtocolError("the global model holds NaN or infinite values")
+        state = unflatten(vector, self.layout)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+
+    # -- one round, on plain weights ------------------------------------------------------
+    def train_round(
+        self, vector: NDArray[np.floating], *, server_round: int
+    ) -> tuple[NDArray[np.float64], dict[str, float]]:
+        """Load ``vector`` (shape ``(P,)``), train on local data, return the new weights.
+
+        Returns
+        -------
+        weights : numpy.ndarray
+            The locally trained weights, shape ``(P,)``, float64.
+        metrics : dict
+            ``num-examples``, ``train-loss`` and ``train-seconds`` (seconds).
+        """
+        self.load(vector)
+        cfg = self.config
+        seed = self.round_seed(server_round)
+        loader = self._loaders["train"]
+        t0 = time.perf_counter()
+        if self.task.train is not None:
+            settings = TrainSettings(
+                epochs=cfg.local_epochs,
+                lr=self.lr,
+                batch_size=cfg.batch_size,
+                weight_decay=cfg.weight_decay,
+                class_weight=cfg.class_weight,
+                seed=seed,
+                device=self.device.type,
+            )
+            torch.manual_seed(seed)
+            loss = float(self.task.train(self.model, loader, settings))
+        else:
+            loss = train(
+                self.model,
+                loader,
+                epochs=cfg.local_epochs,
+                lr=self.lr,
+                weight_decay=cfg.weight_decay,
+                class_weight=cfg.class_weight,
+                seed=seed,
+            ).loss
+        seconds = time.perf_counter() - t0
+        return self.weights(), {
+            "num-examples": float(self.num_train),
+            "train-loss": loss,
+            "train-seconds": seconds,
+        }
+
+    def evaluate(
+        self, vector: NDArray[np.floating], *, final: bool = False
+    ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Load ``vector`` (shape ``(P,)``) and evaluate it on validation and test data.
+
+        On the final round the test ROC curve is returned and, with an ``output_dir``,
+        the model is saved there as ``model.pt`` (a CPU ``state_dict``).
+
+        Returns
+        -------
+        metrics : dict
+            ``val-*`` and ``test-*`` loss/accuracy/auc with their example counts.
+        curves : dict
+            On the final round, ``roc-fpr``/``roc-tpr`` of the test split; else empty.
+        """
+        self.load(vector)
+        metrics: dict[str, float] = {}
+        curves: dict[str, list[float]] = {}
+        for split in ("val", "test"):
+            loader = self._loaders.get(split)
+            if loader is None:
+                continue
+            res = evaluate(self.model, loader)
+            metrics.update(
+                {
+                    f"{split}-loss": res.loss,
+                    f"{split}-accuracy": res.accuracy,
+                    f"{split}-auc": res.auc,
+                    f"{split}-examples": float(res.num_examples),
+                }
+            )
+            if final and split == "test" and not math.isnan(res.auc):
+                fpr, tpr = roc_curve_points(res.y_true, res.y_score)
+                curves = {"roc-fpr": fpr.tolist(), "roc-tpr": tpr.tolist()}
+        if final and self.output_dir is not None:
+            self.save(self.output_dir / "model.pt")
+        return metrics, curves
+
+    def save(self, path: Path) -> Path:
+        """Save the model's ``state_dict`` (on the CPU) to ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, path)
+        return path
+
+    # -- protection -------------------------------------------------------------------
+    def _protection(self) -> HospitalProtection:
+        if self.protection is None:
+            raise ProtocolError("this site has no single-message protection scheme")
+        return self.protection
+
+    def protect(self, vector: NDArray[np.floating]) -> tuple[bytes, float]:
+        """Protect ``num_train * vector`` for the server: ``(bytes, seconds)``."""
+        t0 = time.perf_counter()
+        blob = self._protection().protect(vector, num_examples=self.num_train)
+        return blob, time.perf_counter() - t0
+
+    def unprotect(self, blob: bytes) -> tuple[AggregateResult, float]:
+        """Unprotect an aggregate, at most once per distinct aggregate: ``(result, s)``.
+
+        Raises
+        ------
+        fedcrypt.exceptions.ProtocolError, fedcrypt.exceptions.DecryptionError
+            If the aggregate is malformed or does not decrypt with this hospital's key.
+        """
+        digest = hashlib.sha256(blob).hexdigest()
+        if self._cache is not None and self._cache[0] == digest:
+            return self._cache[1], 0.0
+        t0 = time.perf_counter()
+        result = self._protection().unprotect(blob)
+        seconds = time.perf_counter() - t0
+        self._cache = (digest, result)
+        return result, seconds
+
+    def adopt(self, digest: str, result: AggregateResult) -> None:
+        """Take an aggregate this hospital unprotected earlier (another process, a restart)
+        as if :meth:`unprotect` had just returned it: no second decryption.
+
+        Quantizing schemes calibrate their next grid on it (``set_reference``).
+        """
+        if self._cache is not None and self._cache[0] == digest:
+            return
+        self._cache = (digest, result)
+        setter = getattr(self.protection, "set_reference", None)
+        if setter is not None:
+            setter(result.mean, total_examples=result.total_examples)
