@@ -133,6 +133,22 @@ def test_wrap_hook_accounts_across_rounds_and_refuses_a_round_beyond_the_budget(
         _round(sdp, model, loader)
 
 
+def test_a_rebuilt_hospital_continues_the_accounting_from_the_rounds_it_trained() -> None:
+    plan = _plan(rounds=2, local_epochs=1)
+    model = dp.dp_compatible(create_model("mlp", input_shape=(6,), num_classes=2))
+    loader = DataLoader(_data(), batch_size=16, shuffle=True)
+    first = dp.SampleDP(plan, seed=2)
+    _round(first, model, loader)
+    assert first.epsilon == pytest.approx(plan.epsilon_after(1))
+    second = dp.SampleDP(plan, rounds_done=1, seed=3)  # e.g. a new simulation worker
+    assert second.epsilon == pytest.approx(first.epsilon)
+    _round(second, model, loader)
+    assert second.epsilon == pytest.approx(plan.epsilon_after(2))
+    assert plan.epsilon_after(2) <= plan.epsilon and plan.epsilon_after(0) == 0.0
+    with pytest.raises(ConfigError, match="budget"):
+        _round(dp.SampleDP(plan, rounds_done=2), model, loader)
+
+
 def test_wrap_refuses_a_loader_the_plan_was_not_made_for() -> None:
     sdp = dp.SampleDP(_plan(), seed=0)
     model = dp.dp_compatible(create_model("mlp", input_shape=(6,), num_classes=2))

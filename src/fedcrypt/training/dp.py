@@ -245,6 +245,30 @@ class SampleDPPlan:
         """Optimizer steps over all rounds."""
         return self.steps_per_round * self.rounds
 
+    def epsilon_after(self, rounds: int) -> float:
+        """ε spent after ``rounds`` full rounds, from the plan alone (no state needed).
+
+        Every round takes exactly ``steps_per_round`` steps at rate ``sample_rate`` (a
+        Poisson loader yields ``batches_per_epoch`` batches per epoch, empty or not), so
+        a hospital process rebuilt between rounds (simulation workers, stateless
+        deployments, ``--resume``) knows its ε from the number of rounds it trained.
+
+        Raises
+        ------
+        ConfigError
+            If ``rounds`` is negative.
+        """
+        r = _count("rounds", rounds, minimum=0)
+        if r == 0:
+            return 0.0
+        return _sample_epsilon(
+            self.noise_multiplier,
+            self.sample_rate,
+            r * self.steps_per_round,
+            self.delta,
+            self.accountant,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, for the run record."""
         return {"level": "sample", **asdict(self), "total_steps": self.total_steps}
@@ -457,6 +481,11 @@ class SampleDP:
     ----------
     plan : SampleDPPlan
         From :func:`plan_sample_dp` for this hospital's data size.
+    rounds_done : int
+        Rounds this hospital already trained under the plan (default: 0). A hospital
+        object rebuilt between rounds (a simulation worker, a resumed run) passes the
+        rounds it trained so the accountant, and the refusal of rounds beyond the
+        budget, continue where they were.
     seed : int, optional
         Seed of the noise and Poisson-sampling generators, for tests only. ``None``
         (default): 64 fresh secret bits from :mod:`secrets` per round.
@@ -473,11 +502,14 @@ class SampleDP:
     count of one pass, as the FedAvg weight.
     """
 
-    def __init__(self, plan: SampleDPPlan, *, seed: int | None = None) -> None:
+    def __init__(
+        self, plan: SampleDPPlan, *, rounds_done: int = 0, seed: int | None = None
+    ) -> None:
         from opacus import PrivacyEngine
 
         if not isinstance(plan, SampleDPPlan):
             raise TypeError(f"plan must be a SampleDPPlan, got {type(plan).__name__}")
+        done = _count("rounds_done", rounds_done, minimum=0)
         self.plan = plan
         self._seed = seed
         self._wraps = 0
@@ -486,6 +518,10 @@ class SampleDP:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Secure RNG turned off" (see module docstring)
             self._engine = PrivacyEngine(accountant=plan.accountant)
+        if done:
+            self._engine.accountant.history.append(
+                (plan.noise_multiplier, plan.sample_rate, done * plan.steps_per_round)
+            )
 
     def _generator(self, salt: int) -> torch.Generator:
         seed = secrets.randbits(64) if self._seed is None else self._seed * 1_000_003 + salt
