@@ -59,7 +59,8 @@ class Options:
     seed : int
         Seed of data selection, models and attacks (default: 0).
     inversion_images : sequence of int
-        Batch sizes (images per local step) attacked, each 1-8 (default: ``(1, 4)``).
+        Batch sizes (images per local step) attacked, each 1-8 (default: ``(1, 2)``; the
+        attack weakens with larger batches: see docs/privacy.md).
     inversion_iterations : int
         Attack optimisation steps (default: 600).
     inversion_restarts : int
@@ -94,7 +95,7 @@ class Options:
     dataset: str = "breastmnist"
     data_dir: Path | None = None
     seed: int = 0
-    inversion_images: Sequence[int] = (1, 4)
+    inversion_images: Sequence[int] = (1, 2)
     inversion_iterations: int = 600
     inversion_restarts: int = 2
     inversion_lr: float = 0.01

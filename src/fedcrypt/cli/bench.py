@@ -117,6 +117,12 @@ def privacy(
             "--shadows", min=0, help="Shadow models for LiRA (default 8; 0 with --quick)."
         ),
     ] = None,
+    images: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--images", min=1, max=8, help="Images per attacked update (repeat; default 1 and 2)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, models and attacks.")] = 0,
 ) -> None:
     """What the server learns from one hospital's update in each mode (gradient inversion:
@@ -129,6 +135,8 @@ def privacy(
     opts.seed = seed
     if shadows is not None:
         opts.shadows = shadows
+    if images:
+        opts.inversion_images = tuple(images)
     with _console.status("attacking…") as status:
         payload = run_privacy(out, options=opts, log=lambda msg: status.update(msg))
     render(payload, _console)

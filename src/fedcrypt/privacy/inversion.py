@@ -41,22 +41,26 @@ class InversionNet(nn.Module):
         ``H = W`` (a multiple of 4).
     num_classes : int
         Number of logits.
+    width : int
+        Channels of each convolution (default: 12, as in the paper).
     """
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+    def __init__(
+        self, in_channels: int, image_size: int, num_classes: int, *, width: int = 12
+    ) -> None:
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 12, 5, stride=2, padding=2),
+            nn.Conv2d(in_channels, width, 5, stride=2, padding=2),
             nn.Sigmoid(),
-            nn.Conv2d(12, 12, 5, stride=2, padding=2),
+            nn.Conv2d(width, width, 5, stride=2, padding=2),
             nn.Sigmoid(),
-            nn.Conv2d(12, 12, 5, stride=1, padding=2),
+            nn.Conv2d(width, width, 5, stride=1, padding=2),
             nn.Sigmoid(),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(12 * (image_size // 4) ** 2, num_classes)
+        self.fc = nn.Linear(width * (image_size // 4) ** 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[batch_size, C, H, W]`` to ``[batch_size, num_classes]`` logits."""
