@@ -484,7 +484,7 @@ def membership_bench(opts: Options, say: Log) -> tuple[list[dict[str, Any]], dic
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
     for dp in (False, True):
-        arm = "with DP" if dp else "without DP"
+        arm = f"with DP (ε = {opts.dp_epsilon:g})" if dp else "without DP"
         say(f"membership · target model {arm}")
         target = trainer(opts, ds, dp=dp, seed=opts.seed, members=members)
         scores = loss_threshold_scores(example_losses(target.model, cand_x, cand_y))
@@ -662,6 +662,8 @@ def _plots(images: dict[str, Any], curves: dict[str, Any], out: Path) -> list[Pa
                 ax.set_yticks([])
                 if r == 0:
                     ax.set_title("true image" if col == "truth" else f"server, {col}", fontsize=9)
+                if j == 0 and i == 0:
+                    ax.set_ylabel(f"{b} image{'s' if int(b) > 1 else ''}\nper update", fontsize=8)
             r += 1
     fig.suptitle("Gradient inversion by the server", fontsize=10)
     fig.tight_layout()
