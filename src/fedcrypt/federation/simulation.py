@@ -229,10 +229,10 @@ def _apps(
         options = secagg or SecAggOptions()
         params = options.params(config)
         keys = SecAggKeys.generate(range(config.clients), group_mask=params.group_mask)
-        public = SecAggKeys(signing={}, registry=dict(keys.registry), consortium_key=None)
+        registry = keys.public_registry()  # the server gets the public keys only
         server_app = build_server_app(
             config,
-            factory=lambda cfg: secagg_strategy(cfg, keys=public, options=options),
+            factory=lambda cfg: secagg_strategy(cfg, registry=registry, options=options),
             outcome=outcome,
             run_dir=run_dir,
             resume=resume,
