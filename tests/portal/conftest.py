@@ -39,7 +39,9 @@ def postgres_url() -> str:
     url = os.environ.get(POSTGRES_ENV)
     if not url:
         pytest.skip(f"{POSTGRES_ENV} is not set (no PostgreSQL server for the tests)")
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'fedcrypt[postgres]')")
+    pytest.importorskip(
+        "psycopg", reason="psycopg is not installed (pip install 'fedcrypt[postgres]')"
+    )
     return url
 
 

@@ -16,6 +16,8 @@ from fedcrypt.exceptions import ConfigError
 from fedcrypt.portal.client import PortalClient
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from fedcrypt.portal.config import PortalSettings
 
 app = typer.Typer(
@@ -218,7 +220,26 @@ def serve(
         f"database: {_redacted(settings.db_url)}; upload limit {max_upload_mb} MiB; "
         f"trusted proxies: {proxies})"
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning", proxy_headers=False)
+    uvicorn.Server(server_config(application, host=host, port=port)).run()
+
+
+def server_config(application: object, *, host: str, port: int) -> uvicorn.Config:
+    """Uvicorn's configuration for the portal.
+
+    Uvicorn's own proxy-header handling is off (it would believe ``X-Forwarded-For``
+    from 127.0.0.1 by default): the portal reads forwarding headers only from
+    ``--forwarded-allow-ips`` (:mod:`fedcrypt.portal.proxy`).
+    """
+    import uvicorn
+
+    return uvicorn.Config(
+        application,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_level="warning",
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 def _redacted(url: str) -> str:

@@ -213,8 +213,7 @@ def _parts(db: Session, round_id: int) -> list[_Part]:
         .order_by(Upload.id)
     ).all()
     return [
-        _Part(upload_id=i, hospital=h, sha256=s, size=z, num_examples=n)
-        for i, h, s, z, n in rows
+        _Part(upload_id=i, hospital=h, sha256=s, size=z, num_examples=n) for i, h, s, z, n in rows
     ]
 
 

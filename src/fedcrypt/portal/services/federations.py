@@ -54,11 +54,16 @@ MODEL_SETTINGS = frozenset(
 KEY_SETTINGS = frozenset({"protection", "he_preset"})
 
 
-def scheme_of(fed: Federation) -> Scheme:
-    """The protection mode of ``fed`` (rows written before the rename say ``ckks``: ``he``)."""
+def scheme_named(name: str) -> Scheme:
+    """The protection mode stored as ``name`` (rows written before the rename say ``ckks``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return get_scheme(fed.protection)
+        return get_scheme(name)
+
+
+def scheme_of(fed: Federation) -> Scheme:
+    """The protection mode of ``fed`` (rows written before the rename say ``ckks``: ``he``)."""
+    return scheme_named(fed.protection)
 
 
 def get_federation(db: Session, federation_id: int) -> Federation:
@@ -259,7 +264,7 @@ def update_federation(
         if changes["local_overrides"] == fed.local_overrides:
             del changes["local_overrides"]
     if changes.get("protection") is not None and (
-        get_scheme(changes["protection"]).name == scheme_of(fed).name
+        scheme_named(changes["protection"]).name == scheme_of(fed).name
     ):
         del changes["protection"]  # "he" for a row that says "ckks": the same mode
     for key in (
@@ -287,7 +292,7 @@ def update_federation(
     merged.update({k: v for k, v in changes.items() if k in merged})
     if merged["task"] is not None and merged["dataset"] is not None:
         raise ConflictError("give a task (which brings its own data) or a dataset, not both")
-    if get_scheme(str(merged["protection"])).name == "plain" and merged["he_preset"]:
+    if not scheme_named(str(merged["protection"])).key_files and merged["he_preset"]:
         raise ConflictError("an HE preset applies to protection 'he' only")
     old_blobs = (fed.initial_model_sha256, fed.server_key_sha256)
     reverted = ""
