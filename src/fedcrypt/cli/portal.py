@@ -902,3 +902,45 @@ def participate(
             on_event=lambda msg: console.print(msg),
         )
     console.print(f"done: {len(outcomes)} rounds; record in {out / 'participation.json'}")
+
+
+@app.command("load-test")
+def load_test(
+    hospitals: Annotated[int, typer.Option(help="Hospitals uploading at the same time.")] = 20,
+    update_mb: Annotated[
+        float, typer.Option("--update-mb", help="Size of each hospital's update in MiB.")
+    ] = 16.0,
+    db: DbOpt = None,
+    aggregate_batch_mb: Annotated[
+        int, typer.Option("--aggregate-batch-mb", help="The server's aggregation batch in MiB.")
+    ] = 64,
+    work_dir: Annotated[
+        Path, typer.Option("--work-dir", help="Scratch folder (portal data, updates, log).")
+    ] = Path("portal-load"),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="JSON file for the figures [default: WORK_DIR/load.json]."),
+    ] = None,
+) -> None:
+    """Serve a portal on 127.0.0.1 and let N hospitals upload at once; print peak server RSS.
+
+    Checks that nothing is lost (every update stored under its checksum, the aggregate the
+    exact FedAvg) and measures upload throughput and the server's peak resident memory.
+    """
+    from fedcrypt.portal.loadtest import run_load_test, write_result
+
+    values = max(1, int(update_mb * (1 << 20) / 8))
+    result = run_load_test(
+        work_dir,
+        hospitals=hospitals,
+        values=values,
+        db_url=db,
+        aggregate_batch_mb=aggregate_batch_mb,
+        on_event=lambda msg: err.print(msg, markup=False),
+    )
+    path = out or work_dir / "load.json"
+    write_result(result, path)
+    console.print(result.summary(), markup=False)
+    console.print(f"figures in {path}", markup=False)
+    if result.lost or not result.aggregate_exact:
+        raise ConfigError(f"{result.lost} updates lost or an inexact aggregate: see {path}")

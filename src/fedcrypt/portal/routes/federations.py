@@ -146,7 +146,7 @@ async def put_server_key(
         with portal.session() as db:
             fed = feds.get_federation(db, federation_id)
             fed = feds.set_server_key(portal, db, fed, data, actor=admin, client_ip=ip)
-            return feds.to_public(db, fed)
+            return feds.to_public(db, fed, base_url=_base_url(request))
 
     return await run_in_threadpool(_store)
 
@@ -186,7 +186,7 @@ async def put_initial_model(
             fed = feds.publish_initial_model(
                 portal, db, fed, pending, model_size=x_model_size, actor=admin, client_ip=ip
             )
-            return feds.to_public(db, fed)
+            return feds.to_public(db, fed, base_url=_base_url(request))
 
     try:
         return await run_in_threadpool(_store)
