@@ -148,3 +148,30 @@ def test_summary_is_example_weighted_and_plot_renders() -> None:
     png = metrics_png(points, title="t")
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert metrics_png([], title="empty").startswith(b"\x89PNG")
+
+
+def test_round_grid_rules() -> None:
+    from fedcrypt.portal.validation import Grid, RoundPeer, UpdateInfo, check_round_grid
+
+    def info(grid: Grid | None, n: int = 5) -> UpdateInfo:
+        return UpdateInfo({"scheme": "ckks"}, (1,), n, 1, 6, "f" * 64, grid)
+
+    cal = Grid("calibration", sha(b""), 0)
+    grid = Grid("calibrated", "ab" * 32, 100)
+    check_round_grid(info(cal), round_number=1, peers=[], packed=True)
+    check_round_grid(info(None), round_number=3, peers=[], packed=False)
+    with pytest.raises(ProtocolError, match="this update is not packed"):
+        check_round_grid(info(None), round_number=1, peers=[], packed=True)
+    with pytest.raises(ProtocolError, match="preset is not"):
+        check_round_grid(info(cal), round_number=1, peers=[], packed=False)
+    with pytest.raises(ProtocolError, match="calibration-mode packed update in round 2"):
+        check_round_grid(info(cal), round_number=2, peers=[])
+    peer = RoundPeer(upload_id=7, hospital="A", num_examples=90, grid=grid)
+    check_round_grid(info(grid, 10), round_number=2, peers=[peer])
+    with pytest.raises(ProtocolError, match="above the 100"):
+        check_round_grid(info(grid, 11), round_number=2, peers=[peer])
+    other = Grid("calibrated", "cd" * 32, 100)
+    with pytest.raises(ProtocolError, match=r"accepted update 7 \(A\)"):
+        check_round_grid(info(other), round_number=2, peers=[peer])
+    with pytest.raises(ProtocolError, match="this one is not"):
+        check_round_grid(info(None), round_number=2, peers=[peer])

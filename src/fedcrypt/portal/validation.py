@@ -284,7 +284,13 @@ class RoundPeer:
     grid: Grid | None
 
 
-def check_round_grid(info: UpdateInfo, *, round_number: int, peers: Sequence[RoundPeer]) -> None:
+def check_round_grid(
+    info: UpdateInfo,
+    *,
+    round_number: int,
+    peers: Sequence[RoundPeer],
+    packed: bool | None = None,
+) -> None:
     """Check a packed update against its round: mode, step table, example capacity.
 
     Parameters
@@ -295,6 +301,9 @@ def check_round_grid(info: UpdateInfo, *, round_number: int, peers: Sequence[Rou
         Its round (see :func:`expected_mode`).
     peers : sequence of RoundPeer
         The round's other accepted (not excluded) updates.
+    packed : bool, optional
+        Whether the federation's HE preset is a packed (BFV) one, if known: its updates
+        must then carry a grid, and other presets' updates must not.
 
     Raises
     ------
@@ -304,6 +313,12 @@ def check_round_grid(info: UpdateInfo, *, round_number: int, peers: Sequence[Rou
         count past the grid's capacity (the aggregate would overflow).
     """
     grid = info.grid
+    if packed is not None and packed != (grid is not None):
+        raise ProtocolError(
+            "the federation's HE preset packs quantized values (BFV); this update is not packed"
+            if packed
+            else "the update is packed (BFV), but the federation's HE preset is not"
+        )
     if grid is None:
         if any(p.grid is not None for p in peers):
             raise ProtocolError("the round's updates are packed (BFV); this one is not")

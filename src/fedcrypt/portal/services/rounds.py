@@ -266,6 +266,18 @@ def _inspect(pending: PendingBlob, claimed_sha256: str) -> UpdateInfo:
         raise InvalidContentError(str(exc)) from exc
 
 
+def _packed(fed: Federation) -> bool | None:
+    """Whether the federation's HE preset packs quantized values (None: not known)."""
+    if not feds.scheme_of(fed).key_files or not fed.he_preset:
+        return None
+    from fedcrypt.protection.he.params import get_preset
+
+    try:
+        return get_preset(fed.he_preset).is_packed
+    except ValueError:  # a preset this version does not know: leave it to the aggregator
+        return None
+
+
 def _check_fits(db: Session, fed: Federation, rnd: Round, info: UpdateInfo, user_id: int) -> None:
     """The arrival checks that need the database: federation, then the round's grid."""
     try:
@@ -276,7 +288,10 @@ def _check_fits(db: Session, fed: Federation, rnd: Round, info: UpdateInfo, user
             key_fingerprint=fed.key_fingerprint,
         )
         check_round_grid(
-            info, round_number=rnd.number, peers=round_peers(db, rnd.id, other_than=user_id)
+            info,
+            round_number=rnd.number,
+            peers=round_peers(db, rnd.id, other_than=user_id),
+            packed=_packed(fed),
         )
     except ProtocolError as exc:
         raise InvalidContentError(str(exc)) from exc
