@@ -259,7 +259,9 @@ class FederationCreate(BaseModel):
     def _consistent(self) -> FederationCreate:
         if self.task is not None and self.dataset is not None:
             raise ValueError("give a task (which brings its own data) or a dataset, not both")
-        if self.protection == "plain" and self.he_preset is not None:
+        from fedcrypt.protection.registry import get_scheme
+
+        if not get_scheme(self.protection).key_files and self.he_preset is not None:
             raise ValueError("an HE preset applies to protection 'he' only")
         return self
 

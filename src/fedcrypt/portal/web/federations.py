@@ -75,7 +75,14 @@ def federation_list(request: Request, portal: PortalDep, db: SessionDep, user: W
     rows = []
     for fed in feds.list_federations(db):
         rnd = feds.latest_round(db, fed)
-        rows.append({"fed": fed, "round": rnd, "participants": len(feds.members(db, fed))})
+        rows.append(
+            {
+                "fed": fed,
+                "scheme": feds.scheme_of(fed),
+                "round": rnd,
+                "participants": len(feds.members(db, fed)),
+            }
+        )
     return render(request, "federations.html", {"rows": rows}, user=user)
 
 
