@@ -505,7 +505,7 @@ def create_federation(
     from fedcrypt.protection.registry import get_scheme
 
     protection = cli_protection(protection)
-    if get_scheme(protection).key_files and server_key is None:
+    if get_scheme(protection).key_pair and server_key is None:
         raise ConfigError("an he federation needs --server-key (the public server.key)")
     if not initial_model.is_file():
         raise ConfigError(f"initial model not found: {initial_model}")

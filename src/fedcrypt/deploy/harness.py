@@ -137,7 +137,7 @@ class _Parties:
         if get_scheme(protection).staged:
             self._secagg_keys()
             return
-        if not get_scheme(protection).key_files:
+        if not get_scheme(protection).key_pair:
             return
         from fedcrypt.protection.he.keys import write_key_files
         from fedcrypt.protection.he.params import DEFAULT_PRESET

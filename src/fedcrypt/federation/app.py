@@ -121,7 +121,7 @@ def resolved(config: RunConfig, outcome: Outcome, *, server_key: Path | None) ->
         updates["model"] = str(outcome.info["model"])
     if config.lr is None and isinstance(outcome.info.get("lr"), int | float):
         updates["lr"] = float(outcome.info["lr"])
-    if server_key is not None and get_scheme(config.protection).key_files:
+    if server_key is not None and get_scheme(config.protection).key_pair:
         from fedcrypt.protection.he.keys import read_info
 
         updates["he_preset"] = read_info(server_key).preset.name

@@ -167,13 +167,13 @@ class RoundOutcome:
 
 def _protection(fed: FederationPublic, key_file: Path | None) -> HospitalProtection:
     scheme = get_scheme(fed.protection)
-    if scheme.key_files and key_file is None:
+    if scheme.key_pair and key_file is None:
         raise KeyMaterialError(
             f"this federation uses {scheme.name}: pass --key with your hospital.key "
             "(the secret key file)"
         )
     prot = scheme.hospital_protection(key_file=key_file)
-    if scheme.key_files:
+    if scheme.key_pair:
         fingerprint = getattr(prot, "fingerprint", None)
         if fingerprint != fed.key_fingerprint:
             raise KeyMaterialError(

@@ -261,7 +261,7 @@ class FederationCreate(BaseModel):
             raise ValueError("give a task (which brings its own data) or a dataset, not both")
         from fedcrypt.protection.registry import get_scheme
 
-        if not get_scheme(self.protection).key_files and self.he_preset is not None:
+        if not get_scheme(self.protection).key_pair and self.he_preset is not None:
             raise ValueError("an HE preset applies to protection 'he' only")
         return self
 

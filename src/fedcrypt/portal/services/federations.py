@@ -151,7 +151,7 @@ def join_command(fed: Federation, *, base_url: str | None = None) -> str:
     if base_url:
         parts += ["--url", shlex.quote(base_url)]
     parts += ["--rounds", str(fed.num_rounds)]
-    if scheme_of(fed).key_files:
+    if scheme_of(fed).key_pair:
         parts += ["--key", "hospital.key"]
     if fed.task is None and fed.dataset not in (None, "wdbc"):
         parts += ["--data-dir", "DATA_DIR"]
@@ -292,7 +292,7 @@ def update_federation(
     merged.update({k: v for k, v in changes.items() if k in merged})
     if merged["task"] is not None and merged["dataset"] is not None:
         raise ConflictError("give a task (which brings its own data) or a dataset, not both")
-    if not scheme_named(str(merged["protection"])).key_files and merged["he_preset"]:
+    if not scheme_named(str(merged["protection"])).key_pair and merged["he_preset"]:
         raise ConflictError("an HE preset applies to protection 'he' only")
     old_blobs = (fed.initial_model_sha256, fed.server_key_sha256)
     reverted = ""
@@ -387,7 +387,7 @@ def load_aggregator(portal: Portal, fed: Federation) -> ServerAggregator:
     fedcrypt.portal.errors.InvalidContentError
         If the stored key cannot be loaded.
     """
-    if not scheme_of(fed).key_files:
+    if not scheme_of(fed).key_pair:
         return scheme_of(fed).server_aggregator()
     if fed.server_key_sha256 is None:
         raise ConflictError("this he federation has no public key context (server.key) yet")
@@ -437,7 +437,7 @@ def set_server_key(
     fedcrypt.portal.errors.InvalidContentError
         If the file is not a public server key (or is a secret hospital key).
     """
-    if not scheme_of(fed).key_files:
+    if not scheme_of(fed).key_pair:
         raise ConflictError(f"a {scheme_of(fed).name} federation takes no server key")
     if fed.status != FED_DRAFT:
         raise ConflictError("the key context cannot change once the federation is running")
@@ -510,7 +510,7 @@ def publish_initial_model(
     if fed.status != FED_DRAFT:
         pending.discard()
         raise ConflictError("the initial model is already published")
-    if scheme_of(fed).key_files and fed.server_key_sha256 is None:
+    if scheme_of(fed).key_pair and fed.server_key_sha256 is None:
         pending.discard()
         raise ConflictError("upload the federation's public server.key before the initial model")
     if pending.size == 0:

@@ -268,7 +268,7 @@ def _inspect(pending: PendingBlob, claimed_sha256: str) -> UpdateInfo:
 
 def _packed(fed: Federation) -> bool | None:
     """Whether the federation's HE preset packs quantized values (None: not known)."""
-    if not feds.scheme_of(fed).key_files or not fed.he_preset:
+    if not feds.scheme_of(fed).key_pair or not fed.he_preset:
         return None
     from fedcrypt.protection.he.params import get_preset
 
@@ -315,7 +315,7 @@ def _accept(
         _check_fits(db, fed, rnd, info, user_id)
         aggregator = (
             feds.load_aggregator(portal, fed)
-            if feds.scheme_of(fed).key_files and portal.settings.validate_ciphertexts
+            if feds.scheme_of(fed).key_pair and portal.settings.validate_ciphertexts
             else None
         )
     if aggregator is not None:

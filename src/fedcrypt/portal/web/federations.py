@@ -194,7 +194,7 @@ async def federation_create(
         errors.append(
             "choose the initial model file (a state_dict from `fedcrypt portal init-model`)"
         )
-    if data is not None and get_scheme(data.protection).key_files and not has_key:
+    if data is not None and get_scheme(data.protection).key_pair and not has_key:
         errors.append("an he federation needs its public server.key (from `fedcrypt keys`)")
     if errors or data is None:
         return render(
@@ -206,7 +206,7 @@ async def federation_create(
         )
     limit = portal.settings.max_upload_bytes
     key_bytes: bytes | None = None
-    if get_scheme(data.protection).key_files and server_key is not None:
+    if get_scheme(data.protection).key_pair and server_key is not None:
         key_limit = min(limit, MAX_SERVER_KEY_BYTES)
         key_bytes = await server_key.read(key_limit + 1)
         if len(key_bytes) > key_limit:
