@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedcrypt.exceptions import DeploymentError
 from fedcrypt.deploy import deploy_locally
+from fedcrypt.exceptions import DeploymentError
 
 APP_DIR = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--protection", default="he", choices=["he", "plain", "ckks"])
+    parser.add_argument("--protection", default="he", choices=["he", "plain", "secagg", "ckks"])
     parser.add_argument("--he-preset", default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")

@@ -436,3 +436,67 @@ def test_set_password_on_the_server(
         capsys,
     )
     assert code == 2 and "no portal database" in err
+
+
+def test_admin_corrects_excludes_aggregates_and_cancels_by_cli(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    admin, _ = _plain_federation(
+        "cli-admin",
+        hospitals=("ha", "hb"),
+        tmp_path=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+        extra=("--dataset", "wdbc", "--local-epochs", "2", "--local-override", "lr"),
+    )
+    fed = PortalClient("http://testserver", token=admin, http=portal_app).federation("cli-admin")
+    assert (fed.dataset, fed.local_epochs, fed.local_overrides) == ("wdbc", 2, ["lr"])
+    code, out, err = run(["portal", "update", "cli-admin", "--local-epochs", "3", "--token", admin])
+    assert code == 0 and "local_epochs" in out, err
+    code, _, err = run(["portal", "update", "cli-admin", "--model", "mlpp", "--token", admin])
+    assert code == 2 and "unknown model" in err and err.count("\n") == 1
+    # a hospital uploads; the admin excludes it and the round cannot aggregate without it
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
+    ha = _token("ha@example.org", HOSP_PW, monkeypatch, capsys)
+    update = tmp_path / "u.fcry"
+    size = fed.model_size or 0
+    from fedcrypt.protection.plain import PlainHospital
+
+    update.write_bytes(PlainHospital().protect(np.ones(size), num_examples=3))
+    hb = _token("hb@example.org", HOSP_PW, monkeypatch, capsys)
+    code, out, err = run(["portal", "upload", "cli-admin", str(update), "--token", hb])
+    assert code == 0, err  # round 1 (quorum 1) aggregates at once
+    code, out, err = run(["portal", "upload", "cli-admin", str(update), "--token", ha])
+    assert code == 0, err
+    upload_id = PortalClient("http://testserver", token=admin, http=portal_app).uploads(fed.id, 2)
+    code, out, err = run(
+        ["portal", "exclude", "cli-admin", str(upload_id[0].id), "--reason", "test",
+         "--token", admin]
+    )  # fmt: skip
+    assert code == 0 and "excluded upload" in out, err
+    code, _, err = run(["portal", "aggregate", "cli-admin", "--token", admin])
+    assert code == 2 and "quorum" in err
+    code, out, err = run(["portal", "cancel", "cli-admin", "--reason", "done", "--token", admin])
+    assert code == 0 and "cancelled" in out, err
+    code, _, err = run(["portal", "upload", "cli-admin", str(update), "--token", hb])
+    assert code == 2 and "cancelled" in err
+
+
+def test_migrate_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    code, out, err = _run(["portal", "migrate", "--data-dir", str(data)], monkeypatch, capsys)
+    assert code == 0 and "upgraded from an empty database to 0003" in out, err
+    code, out, _ = _run(["portal", "migrate", "--data-dir", str(data)], monkeypatch, capsys)
+    assert code == 0 and "already at 0003" in out
+    code, _, err = _run(
+        ["portal", "migrate", "--db", "mysql://x@localhost/y", "--data-dir", str(data)],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and "unsupported database" in err and err.count("\n") == 1

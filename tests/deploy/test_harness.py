@@ -18,7 +18,7 @@ from fedcrypt.deploy import deploy_locally, make_node_key_pair, make_tls_files
 from fedcrypt.deploy.flwr_cli import node_config
 
 APP_DIR = Path(__file__).resolve().parents[2] / "deploy"
-SERVER_ONLY_KEYS = {"server-key", "run-dir", "resume"}
+SERVER_ONLY_KEYS = {"server-key", "run-dir", "resume", "secagg-registry"}
 
 
 def _app_config() -> dict[str, object]:
@@ -152,3 +152,23 @@ def test_breastmnist_where_only_the_hospitals_hold_the_data(
     assert math.isfinite(result.metrics["rounds"][0]["auc"])
     # nothing of the data set reached the server's folder
     assert not list((work / "server").rglob("*.npz"))
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(900)
+def test_one_secagg_round_on_the_deployment_engine(tmp_path: Path) -> None:
+    """Five exchanges over TLS; the server holds only the public registry."""
+    work = tmp_path / "deployment"
+    result = deploy_locally(
+        app_dir=APP_DIR, work_dir=work, clients=3, rounds=1, protection="secagg", timeout=800
+    )
+    assert result.status == "finished:completed"
+    rnd = result.metrics["rounds"][0]
+    assert rnd["clients"] == 3 and math.isfinite(rnd["auc"])
+    assert result.metrics["info"]["scheme"] == "secagg"
+    server_files = {p.name for p in (work / "server").rglob("*") if p.is_file()}
+    assert "registry.pub" in server_files
+    assert not server_files & {"identity.key", "group-mask.key"}
+    for hospital in work.glob("hospital-*"):
+        assert stat.S_IMODE((hospital / "identity.key").stat().st_mode) == 0o600
+        assert (hospital / "secagg-state").is_file()  # progress persisted across runs

@@ -39,10 +39,10 @@ class FakeClock:
         self.now += timedelta(**kwargs)
 
 
-def make_settings(tmp_path: Path, **overrides: Any) -> PortalSettings:
-    """Settings for a portal in ``tmp_path`` (no background ticker)."""
+def make_settings(tmp_path: Path, *, db_url: str | None = None, **overrides: Any) -> PortalSettings:
+    """Settings for a portal in ``tmp_path`` (no background ticker; SQLite by default)."""
     values: dict[str, Any] = {
-        "db_url": default_db_url(tmp_path),
+        "db_url": db_url or default_db_url(tmp_path),
         "data_dir": tmp_path,
         "secret_key": SecretStr("test-secret-" + "x" * 20),
         "tick_interval_s": 0,

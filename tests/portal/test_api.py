@@ -531,8 +531,8 @@ def test_corrupt_ciphertext_is_rejected_at_upload(api: Api, ckks_keys: tuple[byt
         assert list(db.scalars(select(Upload))) == []
 
 
-def test_restart_mid_round_keeps_uploads(tmp_path: Path, clock: FakeClock) -> None:
-    app = create_app(make_settings(tmp_path), clock=clock)
+def test_restart_mid_round_keeps_uploads(tmp_path: Path, db_url: str, clock: FakeClock) -> None:
+    app = create_app(make_settings(tmp_path, db_url=db_url), clock=clock)
     api = Api(app, clock)
     _, a = api.hospital()
     _, b = api.hospital()
@@ -541,7 +541,7 @@ def test_restart_mid_round_keeps_uploads(tmp_path: Path, clock: FakeClock) -> No
     (api.portal.store.tmp / "upload-crashed.part").write_bytes(b"half an upload")
     app.state.portal.close()
 
-    app2 = create_app(make_settings(tmp_path), clock=clock)  # "restart"
+    app2 = create_app(make_settings(tmp_path, db_url=db_url), clock=clock)  # "restart"
     c = TestClient(app2)
     assert list(app2.state.portal.store.tmp.iterdir()) == []  # partial files cleared
     state = c.get(f"/api/v1/federations/{fid}/rounds/1", headers=b).json()
@@ -557,8 +557,10 @@ def test_restart_mid_round_keeps_uploads(tmp_path: Path, clock: FakeClock) -> No
     app2.state.portal.close()
 
 
-def test_interrupted_aggregation_is_resumed_after_restart(tmp_path: Path, clock: FakeClock) -> None:
-    app = create_app(make_settings(tmp_path), clock=clock)
+def test_interrupted_aggregation_is_resumed_after_restart(
+    tmp_path: Path, db_url: str, clock: FakeClock
+) -> None:
+    app = create_app(make_settings(tmp_path, db_url=db_url), clock=clock)
     api = Api(app, clock)
     _, a = api.hospital()
     fid = api.federation(quorum=1, num_rounds=1)
@@ -566,7 +568,7 @@ def test_interrupted_aggregation_is_resumed_after_restart(tmp_path: Path, clock:
         db.execute(update(Round).values(status="aggregating"))
         db.commit()
     app.state.portal.close()
-    app2 = create_app(make_settings(tmp_path), clock=clock)
+    app2 = create_app(make_settings(tmp_path, db_url=db_url), clock=clock)
     with app2.state.portal.session() as db:
         assert db.scalar(select(Round.status)) == "open"
     c = TestClient(app2)

@@ -1,4 +1,8 @@
-"""End to end: ``fedcrypt portal serve`` as a process, three hospitals run two rounds by CLI."""
+"""End to end: ``fedcrypt portal serve`` as a process, three hospitals run two rounds by CLI.
+
+It runs on SQLite and, where ``FEDCRYPT_TEST_POSTGRES_URL`` names a server, on PostgreSQL
+(the portal process gets ``--db``): the README's portal flow on a real PostgreSQL server.
+"""
 
 from __future__ import annotations
 
@@ -53,8 +57,9 @@ def _env(**extra: str) -> dict[str, str]:
 class Server:
     """``fedcrypt portal serve`` in a subprocess on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, db_url: str | None = None) -> None:
         self.data_dir = data_dir
+        self.db_url = db_url
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,6 +77,7 @@ class Server:
                     str(self.port),
                     "--tick",
                     "0.5",
+                    *(["--db", self.db_url] if self.db_url else []),
                 ),
                 env=_env(
                     FEDCRYPT_PORTAL_ADMIN_PASSWORD=ADMIN_PW,
@@ -103,9 +109,10 @@ class Server:
         self.proc = None
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> object:
-    srv = Server(tmp_path / "portal-data", _free_port())
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> object:
+    db_url = None if request.param == "sqlite" else request.getfixturevalue("fresh_postgres")
+    srv = Server(tmp_path / "portal-data", _free_port(), db_url)
     srv.start()
     yield srv
     srv.stop()

@@ -15,6 +15,7 @@ from fedcrypt.portal.plots import MetricPoint, metrics_png, summarize
 from fedcrypt.portal.storage import BlobStore, UploadTooLargeError
 from fedcrypt.portal.validation import check_against_federation, inspect_file
 from fedcrypt.protection import wire
+from fedcrypt.protection.registry import HE, PLAIN
 
 
 def test_blob_store_commit_dedupe_and_limit(tmp_path: Path) -> None:
@@ -51,11 +52,11 @@ def test_inspect_file_matches_wire_unpack(tmp_path: Path) -> None:
     env = wire.unpack(blob)
     assert info.header == env.header and info.section_lengths == (40,)
     assert (info.num_examples, info.num_updates, info.size) == (7, 1, 5)
-    check_against_federation(info, protection="plain", model_size=5, key_fingerprint=None)
+    check_against_federation(info, scheme=PLAIN, model_size=5, key_fingerprint=None)
     with pytest.raises(ProtocolError, match="wrong model size"):
-        check_against_federation(info, protection="plain", model_size=6, key_fingerprint=None)
+        check_against_federation(info, scheme=PLAIN, model_size=6, key_fingerprint=None)
     with pytest.raises(ProtocolError, match="'plain'"):
-        check_against_federation(info, protection="he", model_size=None, key_fingerprint="ab")
+        check_against_federation(info, scheme=HE, model_size=None, key_fingerprint="ab")
 
 
 @pytest.mark.parametrize(
@@ -83,14 +84,14 @@ def test_inspect_file_header_fields(tmp_path: Path) -> None:
     )
     info = inspect_file(_write(tmp_path, aggregate))
     with pytest.raises(ProtocolError, match="aggregate of 2"):
-        check_against_federation(info, protection="plain", model_size=1, key_fingerprint=None)
+        check_against_federation(info, scheme=PLAIN, model_size=1, key_fingerprint=None)
     ckks_like = wire.pack(
         {"scheme": "ckks", "size": 3, "num_examples": 1, "fingerprint": "aa" * 32}, [b"c"]
     )
     info = inspect_file(_write(tmp_path, ckks_like))
     with pytest.raises(ProtocolError, match="another key context"):
-        check_against_federation(info, protection="he", model_size=3, key_fingerprint="bb" * 32)
-    check_against_federation(info, protection="he", model_size=3, key_fingerprint="aa" * 32)
+        check_against_federation(info, scheme=HE, model_size=3, key_fingerprint="bb" * 32)
+    check_against_federation(info, scheme=HE, model_size=3, key_fingerprint="aa" * 32)
 
 
 def test_bearer_secrets_and_csrf() -> None:
@@ -147,3 +148,30 @@ def test_summary_is_example_weighted_and_plot_renders() -> None:
     png = metrics_png(points, title="t")
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert metrics_png([], title="empty").startswith(b"\x89PNG")
+
+
+def test_round_grid_rules() -> None:
+    from fedcrypt.portal.validation import Grid, RoundPeer, UpdateInfo, check_round_grid
+
+    def info(grid: Grid | None, n: int = 5) -> UpdateInfo:
+        return UpdateInfo({"scheme": "ckks"}, (1,), n, 1, 6, "f" * 64, grid)
+
+    cal = Grid("calibration", sha(b""), 0)
+    grid = Grid("calibrated", "ab" * 32, 100)
+    check_round_grid(info(cal), round_number=1, peers=[], packed=True)
+    check_round_grid(info(None), round_number=3, peers=[], packed=False)
+    with pytest.raises(ProtocolError, match="this update is not packed"):
+        check_round_grid(info(None), round_number=1, peers=[], packed=True)
+    with pytest.raises(ProtocolError, match="preset is not"):
+        check_round_grid(info(cal), round_number=1, peers=[], packed=False)
+    with pytest.raises(ProtocolError, match="calibration-mode packed update in round 2"):
+        check_round_grid(info(cal), round_number=2, peers=[])
+    peer = RoundPeer(upload_id=7, hospital="A", num_examples=90, grid=grid)
+    check_round_grid(info(grid, 10), round_number=2, peers=[peer])
+    with pytest.raises(ProtocolError, match="above the 100"):
+        check_round_grid(info(grid, 11), round_number=2, peers=[peer])
+    other = Grid("calibrated", "cd" * 32, 100)
+    with pytest.raises(ProtocolError, match=r"accepted update 7 \(A\)"):
+        check_round_grid(info(other), round_number=2, peers=[peer])
+    with pytest.raises(ProtocolError, match="this one is not"):
+        check_round_grid(info(None), round_number=2, peers=[peer])

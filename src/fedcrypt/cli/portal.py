@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,11 @@ from rich.table import Table
 from fedcrypt.cli.options import cli_protection
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.portal.client import PortalClient
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from fedcrypt.portal.config import PortalSettings
 
 app = typer.Typer(
     help="Consortium portal: serve it, or take part as a hospital.", no_args_is_help=True
@@ -83,17 +88,44 @@ def _resolve_round(client: PortalClient, fed_id: int, number: int | None) -> int
 # --- the server -----------------------------------------------------------------------
 
 
+def _settings(db: str | None, data_dir: Path, **extra: object) -> PortalSettings:
+    from pydantic import ValidationError
+
+    from fedcrypt.portal.config import PortalSettings, default_db_url, load_or_create_secret
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return PortalSettings(
+            db_url=db or default_db_url(data_dir),
+            data_dir=data_dir.resolve(),
+            secret_key=load_or_create_secret(data_dir),
+            **extra,  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{where}: {str(first['msg']).removeprefix('Value error, ')}") from None
+
+
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        envvar="FEDCRYPT_PORTAL_DB",
+        help="SQLAlchemy database URL, e.g. postgresql+psycopg://user:pw@host/portal "
+        "(needs 'pip install fedcrypt[postgres]').",
+        show_default="sqlite:///DATA_DIR/portal.db",
+    ),
+]
+DataDirOpt = Annotated[
+    Path, typer.Option("--data-dir", help="Folder for uploaded blobs (and the SQLite file).")
+]
+
+
 @app.command()
 def serve(
-    db: Annotated[
-        str | None,
-        typer.Option(
-            "--db", help="SQLAlchemy database URL.", show_default="sqlite:///DATA_DIR/portal.db"
-        ),
-    ] = None,
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="Folder for uploaded blobs (and the SQLite file).")
-    ] = Path("portal-data"),
+    db: DbOpt = None,
+    data_dir: DataDirOpt = Path("portal-data"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_upload_mb: Annotated[
@@ -105,6 +137,30 @@ def serve(
     secure_cookies: Annotated[
         bool, typer.Option("--secure-cookies", help="Mark cookies Secure (behind HTTPS).")
     ] = False,
+    forwarded_allow_ips: Annotated[
+        str,
+        typer.Option(
+            "--forwarded-allow-ips",
+            envvar="FEDCRYPT_PORTAL_FORWARDED_ALLOW_IPS",
+            help="Comma-separated addresses or CIDR networks of the reverse proxies whose "
+            "X-Forwarded-For/-Proto headers are believed (e.g. 127.0.0.1). Empty: the "
+            "headers are ignored and the client is the TCP peer.",
+        ),
+    ] = "",
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help="Upgrade the database schema at startup (--no-migrate: refuse a database "
+            "that is not current; run 'fedcrypt portal migrate' first).",
+        ),
+    ] = True,
+    aggregate_batch_mb: Annotated[
+        int,
+        typer.Option(
+            "--aggregate-batch-mb", help="Aggregation adds updates in batches of this many MiB."
+        ),
+    ] = 256,
     tick: Annotated[
         float, typer.Option("--tick", help="Seconds between round-deadline checks.")
     ] = 5.0,
@@ -113,7 +169,6 @@ def serve(
     import uvicorn
 
     from fedcrypt.portal.app import create_app
-    from fedcrypt.portal.config import PortalSettings, default_db_url, load_or_create_secret
     from fedcrypt.portal.context import Portal
     from fedcrypt.portal.services import accounts
 
@@ -121,14 +176,15 @@ def serve(
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if max_upload_mb < 1:
         raise ConfigError(f"--max-upload-mb must be >= 1, got {max_upload_mb}")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    settings = PortalSettings(
-        db_url=db or default_db_url(data_dir),
-        data_dir=data_dir.resolve(),
-        secret_key=load_or_create_secret(data_dir),
+    settings = _settings(
+        db,
+        data_dir,
         max_upload_mb=max_upload_mb,
         cookie_secure=secure_cookies,
         tick_interval_s=tick,
+        forwarded_allow_ips=forwarded_allow_ips,
+        migrate_on_start=migrate,
+        aggregate_batch_mb=aggregate_batch_mb,
     )
     portal = Portal.open(settings)
     try:
@@ -157,26 +213,85 @@ def serve(
             err.print(f"created the consortium admin account {admin_email}")
     finally:
         portal.close()
-    application = create_app(settings)
+    # the schema is current now; the app's own open must not migrate a second time
+    application = create_app(settings.model_copy(update={"migrate_on_start": False}))
+    proxies = ", ".join(settings.forwarded_allow_ips) or "none (X-Forwarded-For ignored)"
     err.print(
         f"fedcrypt portal on http://{host}:{port}  (API docs: /docs; data: {settings.data_dir}; "
-        f"upload limit {max_upload_mb} MiB)"
+        f"database: {_redacted(settings.db_url)}; upload limit {max_upload_mb} MiB; "
+        f"trusted proxies: {proxies})"
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(application, host=host, port=port)).run()
+
+
+def server_config(application: object, *, host: str, port: int) -> uvicorn.Config:
+    """Uvicorn's configuration for the portal.
+
+    Uvicorn's own proxy-header handling is off (it would believe ``X-Forwarded-For``
+    from 127.0.0.1 by default): the portal reads forwarding headers only from
+    ``--forwarded-allow-ips`` (:mod:`fedcrypt.portal.proxy`).
+    """
+    import uvicorn
+
+    return uvicorn.Config(
+        application,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_level="warning",
+        proxy_headers=False,
+        server_header=False,
+    )
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is refused later with its own message
+        return "?"
+
+
+@app.command("migrate")
+def migrate_db(db: DbOpt = None, data_dir: DataDirOpt = Path("portal-data")) -> None:
+    """Upgrade the portal database's schema to this version (Alembic; safe to rerun)."""
+    from fedcrypt.portal import migrate
+    from fedcrypt.portal.db import make_engine
+
+    settings = _settings(db, data_dir)
+    engine = make_engine(settings.db_url)
+    try:
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            result = migrate.upgrade(engine)
+        except OperationalError as exc:
+            raise ConfigError(f"cannot open the portal database: {exc.orig}") from None
+    finally:
+        engine.dispose()
+    where = _redacted(settings.db_url)
+    if result.stamped_legacy:
+        console.print(f"{where}: created before migrations; stamped {migrate.LEGACY_REVISION}")
+    if result.changed:
+        console.print(
+            f"{where}: upgraded from {result.before or 'an empty database'} to {result.after}"
+        )
+    else:
+        console.print(f"{where}: already at {result.after}")
 
 
 @app.command("set-password")
 def set_password(
     email: Annotated[str, typer.Option("--email", help="The account (admin or hospital).")],
-    db: Annotated[
-        str | None, typer.Option("--db", help="SQLAlchemy URL.", show_default="DATA_DIR/portal.db")
-    ] = None,
+    db: DbOpt = None,
     data_dir: Annotated[Path, typer.Option("--data-dir", help="The portal's data folder.")] = Path(
         "portal-data"
     ),
 ) -> None:
-    """Set an account's password on the server (e.g. a forgotten admin password)."""
-    from fedcrypt.portal.config import PortalSettings, default_db_url, load_or_create_secret
+    """Set an account's password on the server (e.g. a forgotten admin password).
+
+    Ends the account's browser sessions and revokes its API tokens.
+    """
     from fedcrypt.portal.context import Portal
     from fedcrypt.portal.errors import PortalError
     from fedcrypt.portal.services import accounts
@@ -184,19 +299,17 @@ def set_password(
     if db is None and not (data_dir / "portal.db").is_file():
         raise ConfigError(f"no portal database in {data_dir} (pass --data-dir or --db)")
     password = _password("New password (at least 12 characters)", confirm=True)
-    settings = PortalSettings(
-        db_url=db or default_db_url(data_dir),
-        data_dir=data_dir.resolve(),
-        secret_key=load_or_create_secret(data_dir),
-    )
-    portal = Portal.open(settings)
+    portal = Portal.open(_settings(db, data_dir))
     try:
         user = accounts.set_password(portal, email=email, password=password)
     except (PortalError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
     finally:
         portal.close()
-    console.print(f"password of {user.email} changed; its browser sessions were ended")
+    console.print(
+        f"password of {user.email} changed; its browser sessions were ended and its API "
+        "tokens revoked"
+    )
 
 
 # --- accounts -------------------------------------------------------------------------
@@ -315,13 +428,49 @@ def init_model(
     )
 
 
+LocalOverride = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--local-override",
+        help="A setting each hospital may choose itself: local_epochs, lr, batch_size or "
+        "image_size (repeat the option for several).",
+        show_default=False,
+    ),
+]
+
+
 @app.command("create-federation")
 def create_federation(
     name: Annotated[str, typer.Option("--name", help="Federation name.")],
     initial_model: Annotated[
         Path, typer.Option("--initial-model", help="state_dict file (see 'portal init-model').")
     ],
-    model: Annotated[str, typer.Option(help="Model architecture the hospitals build.")] = "mlp",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Model the hospitals build: mlp, cnn, mobilenetv2, resnet18, or a task "
+            "reference (package.module:NAME or FILE.py:NAME)."
+        ),
+    ] = "mlp",
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Built-in dataset the hospitals train on (e.g. wdbc, breastmnist)."),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Task reference (package.module:NAME or FILE.py:NAME) instead."),
+    ] = None,
+    local_epochs: Annotated[
+        int, typer.Option("--local-epochs", help="Local epochs per round.")
+    ] = 1,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate.", show_default="the model's default")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 32,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Image side in pixels (image tasks).")
+    ] = None,
+    local_override: LocalOverride = None,
     dataset_description: Annotated[
         str, typer.Option("--description", help="Dataset description.")
     ] = "",
@@ -336,7 +485,10 @@ def create_federation(
         typer.Option("--server-key", help="he: the public server.key (never hospital.key)."),
     ] = None,
     he_preset: Annotated[
-        str | None, typer.Option("--he-preset", help="HE preset name (informative).")
+        str | None,
+        typer.Option(
+            "--he-preset", help="HE preset (must match server.key; read from it if unset)."
+        ),
     ] = None,
     quorum: Annotated[int, typer.Option(help="Minimum hospitals per round.")] = 2,
     deadline_minutes: Annotated[
@@ -346,14 +498,14 @@ def create_federation(
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """Create a federation, upload its public key and initial model, open round 1 (admin)."""
+    """Create a federation with its settings, upload its key and initial model, open round 1."""
     import torch
 
     from fedcrypt.protection.flatten import Layout
     from fedcrypt.protection.registry import get_scheme
 
     protection = cli_protection(protection)
-    if get_scheme(protection).key_files and server_key is None:
+    if get_scheme(protection).key_pair and server_key is None:
         raise ConfigError("an he federation needs --server-key (the public server.key)")
     if not initial_model.is_file():
         raise ConfigError(f"initial model not found: {initial_model}")
@@ -366,6 +518,13 @@ def create_federation(
         fed = client.create_federation(
             name=name,
             model=model,
+            task=task,
+            dataset=dataset,
+            local_epochs=local_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            image_size=image_size,
+            local_overrides=list(local_override or []),
             dataset_description=dataset_description,
             protection=protection,
             he_preset=he_preset,
@@ -381,6 +540,114 @@ def create_federation(
         f"federation {fed.name!r} (id {fed.id}) is {fed.status}: {fed.protection}, quorum "
         f"{fed.quorum}, {fed.num_rounds} rounds; round {fed.current_round} is open"
     )
+    if fed.join_command:
+        console.print(f"hospitals join with:\n  {fed.join_command}", soft_wrap=True)
+
+
+@app.command()
+def update(
+    federation: FedRef,
+    model: Annotated[str | None, typer.Option(help="Model or task reference.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Built-in dataset.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task reference.")] = None,
+    local_epochs: Annotated[int | None, typer.Option("--local-epochs")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    local_override: LocalOverride = None,
+    no_local_overrides: Annotated[
+        bool, typer.Option("--no-local-overrides", help="Let hospitals override nothing.")
+    ] = False,
+    dataset_description: Annotated[str | None, typer.Option("--description")] = None,
+    quorum: Annotated[int | None, typer.Option(help="Minimum hospitals per round.")] = None,
+    deadline_minutes: Annotated[float | None, typer.Option("--deadline-minutes")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Number of rounds.")] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Correct a federation (admin): training and model settings until round 1 has an upload.
+
+    Quorum, deadline, rounds and description change at any time. Changing the model,
+    task, dataset or image size of a running federation returns it to draft: publish the
+    initial model again (the web page has the form).
+    """
+    fields: dict[str, object] = {
+        k: v
+        for k, v in {
+            "model": model,
+            "dataset": dataset,
+            "task": task,
+            "local_epochs": local_epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "dataset_description": dataset_description,
+            "quorum": quorum,
+            "round_deadline_minutes": deadline_minutes,
+            "num_rounds": rounds,
+        }.items()
+        if v is not None
+    }
+    if local_override or no_local_overrides:
+        fields["local_overrides"] = list(local_override or [])
+    if not fields:
+        raise ConfigError("nothing to change: pass at least one setting (see --help)")
+    with _authed(url, token) as client:
+        fed = client.update_federation(client.federation(federation).id, **fields)
+    console.print(
+        f"federation {fed.name!r} (id {fed.id}) is {fed.status}; changed: {', '.join(fields)}"
+    )
+
+
+@app.command()
+def cancel(
+    federation: FedRef,
+    reason: Annotated[str, typer.Option(help="Why (shown to the hospitals).")] = "",
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Cancel a federation (admin): its open round closes and uploads are refused."""
+    with _authed(url, token) as client:
+        fed = client.cancel_federation(client.federation(federation).id, reason=reason)
+    console.print(f"federation {fed.name!r} (id {fed.id}) is {fed.status}")
+
+
+@app.command()
+def exclude(
+    federation: FedRef,
+    upload_id: Annotated[int, typer.Argument(help="The upload's id (see 'portal status').")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")],
+    round_: RoundOpt = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Leave an update out of its round's aggregate (admin), e.g. the one a failure named."""
+    with _authed(url, token) as client:
+        fed = client.federation(federation)
+        number = _resolve_round(client, fed.id, round_)
+        up = client.exclude_upload(fed.id, number, upload_id, reason=reason)
+        state = client.round(fed.id, number)
+    console.print(
+        f"excluded upload {up.id} ({up.hospital}) from round {number}; the round is "
+        f"{state.status} with {state.num_uploads} of {state.expected_uploads} updates"
+    )
+
+
+@app.command()
+def aggregate(
+    federation: FedRef,
+    round_: RoundOpt = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Aggregate the open (or failed) round now, if its quorum is met (admin)."""
+    with _authed(url, token) as client:
+        fed = client.federation(federation)
+        number = _resolve_round(client, fed.id, round_)
+        state = client.force_aggregate(fed.id, number)
+    if state.status == "failed":
+        raise ConfigError(f"round {number}: {state.error}")
+    console.print(f"round {number} is {state.status}")
 
 
 @app.command()
@@ -423,6 +690,10 @@ def status(federation: FedRef, url: Url = DEFAULT_URL, token: Token = None) -> N
                 "yes" if r.uploaded_by_me else "",
             )
         console.print(table)
+        if rounds and rounds[-1].error:
+            console.print(f"round {rounds[-1].number}: {rounds[-1].error}", markup=False)
+        if fed.join_command and fed.status == "running":
+            console.print(f"join with: {fed.join_command}", markup=False, soft_wrap=True)
 
 
 # --- a hospital's steps ---------------------------------------------------------------
@@ -569,10 +840,14 @@ def participate(
     federation: FedRef,
     rounds: Annotated[int, typer.Option(help="Rounds to take part in.")] = 1,
     dataset: Annotated[
-        str, typer.Option(help="Built-in task: wdbc, breastmnist, pneumoniamnist or a .npz path.")
-    ] = "wdbc",
+        str | None,
+        typer.Option(
+            help="Built-in task: wdbc, breastmnist, pneumoniamnist or a .npz path.",
+            show_default="the federation's",
+        ),
+    ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Folder of MedMNIST .npz files.")
+        Path | None, typer.Option("--data-dir", help="Folder of this hospital's .npz files.")
     ] = None,
     client_id: Annotated[
         int, typer.Option("--client-id", help="This hospital's share of the simulated partition.")
@@ -582,11 +857,37 @@ def participate(
     ] = 1,
     partition: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
     seed: Annotated[int, typer.Option(help="Seed of partition and training.")] = 0,
-    epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs per round.")] = 1,
-    lr: Annotated[
-        float | None, typer.Option(help="Adam learning rate.", show_default="by model")
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--local-epochs",
+            help="Local epochs per round (only if the federation allows it).",
+            show_default="the federation's",
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 32,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Adam learning rate (only if the federation allows it).",
+            show_default="the federation's",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Local batch size (only if the federation allows it).",
+            show_default="the federation's",
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            help="Image side in pixels (only if the federation allows it).",
+            show_default="the federation's",
+        ),
+    ] = None,
     key: Annotated[
         Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
     ] = None,
@@ -625,6 +926,7 @@ def participate(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
+        image_size=image_size,
         key_file=key,
         eval_split=eval_split,  # type: ignore[arg-type]
         poll_s=poll,
@@ -640,3 +942,45 @@ def participate(
             on_event=lambda msg: console.print(msg),
         )
     console.print(f"done: {len(outcomes)} rounds; record in {out / 'participation.json'}")
+
+
+@app.command("load-test")
+def load_test(
+    hospitals: Annotated[int, typer.Option(help="Hospitals uploading at the same time.")] = 20,
+    update_mb: Annotated[
+        float, typer.Option("--update-mb", help="Size of each hospital's update in MiB.")
+    ] = 16.0,
+    db: DbOpt = None,
+    aggregate_batch_mb: Annotated[
+        int, typer.Option("--aggregate-batch-mb", help="The server's aggregation batch in MiB.")
+    ] = 64,
+    work_dir: Annotated[
+        Path, typer.Option("--work-dir", help="Scratch folder (portal data, updates, log).")
+    ] = Path("portal-load"),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="JSON file for the figures.", show_default="WORK_DIR/load.json"),
+    ] = None,
+) -> None:
+    """Serve a portal on 127.0.0.1 and let N hospitals upload at once; print peak server RSS.
+
+    Checks that nothing is lost (every update stored under its checksum, the aggregate the
+    exact FedAvg) and measures upload throughput and the server's peak resident memory.
+    """
+    from fedcrypt.portal.loadtest import run_load_test, write_result
+
+    values = max(1, int(update_mb * (1 << 20) / 8))
+    result = run_load_test(
+        work_dir,
+        hospitals=hospitals,
+        values=values,
+        db_url=db,
+        aggregate_batch_mb=aggregate_batch_mb,
+        on_event=lambda msg: err.print(msg, markup=False),
+    )
+    path = out or work_dir / "load.json"
+    write_result(result, path)
+    console.print(result.summary(), markup=False)
+    console.print(f"figures in {path}", markup=False)
+    if result.lost or not result.aggregate_exact:
+        raise ConfigError(f"{result.lost} updates lost or an inexact aggregate: see {path}")

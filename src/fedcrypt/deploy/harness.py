@@ -118,11 +118,13 @@ class _Parties:
         return self.server / "run"
 
     def create(self, *, protection: str, he_preset: str | None) -> None:
-        """Make the folders, the TLS files and (``ckks``) distribute fresh CKKS keys.
+        """Make the folders, the TLS files and distribute fresh key material.
 
         As a consortium would: the CA certificate to everyone, the SuperLink's TLS key
-        to the server, ``hospital.key`` (secret) to the hospitals only and
-        ``server.key`` (public) to the server only.
+        to the server; ``he``: ``hospital.key`` (secret) to the hospitals only and
+        ``server.key`` (public) to the server only; ``secagg``: ``hospital-<i>.key``
+        (secret) to hospital ``i`` only, ``group-mask.key`` (secret) to every hospital,
+        ``registry.pub`` (public) to the server and every hospital.
         """
         for folder in (self.logs, self.server, self.operator, *self.hospitals):
             folder.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,10 @@ class _Parties:
         (self.server / "tls").mkdir(exist_ok=True)
         shutil.copyfile(tls.server_cert, self.server / "tls" / "server.crt")
         write_secret(self.server / "tls" / "server.key", tls.server_key.read_bytes())
-        if not get_scheme(protection).key_files:
+        if get_scheme(protection).staged:
+            self._secagg_keys()
+            return
+        if not get_scheme(protection).key_pair:
             return
         from fedcrypt.protection.he.keys import write_key_files
         from fedcrypt.protection.he.params import DEFAULT_PRESET
@@ -143,6 +148,37 @@ class _Parties:
             write_secret(folder / "hospital.key", hospital_key.read_bytes())
         shutil.copyfile(server_key, self.server / "server.key")
         shutil.rmtree(ceremony)
+
+    def _secagg_keys(self) -> None:
+        from fedcrypt.protection.secagg.keys import write_consortium
+
+        ceremony = self.work_dir / "consortium"
+        files = write_consortium(ceremony, hospitals=self.clients)
+        shutil.copyfile(files.registry, self.server / "registry.pub")
+        for i, folder in enumerate(self.hospitals):
+            shutil.copyfile(files.registry, folder / "registry.pub")
+            write_secret(folder / "identity.key", files.identities[i].read_bytes())
+            if files.group_mask is not None:
+                write_secret(folder / "group-mask.key", files.group_mask.read_bytes())
+        shutil.rmtree(ceremony)
+
+    def secagg_node(self, i: int) -> dict[str, ConfigValue]:
+        """Hospital ``i``'s secagg key-file paths for its node config (none without)."""
+        folder = self.hospitals[i]
+        if not (folder / "identity.key").is_file():
+            return {}
+        node: dict[str, ConfigValue] = {
+            "secagg-identity": str(folder / "identity.key"),
+            "secagg-registry": str(folder / "registry.pub"),
+            "secagg-state": str(folder / "secagg-state"),
+        }
+        if (folder / "group-mask.key").is_file():
+            node["secagg-group-mask"] = str(folder / "group-mask.key")
+        return node
+
+    def registry(self) -> Path | None:
+        path = self.server / "registry.pub"
+        return path if path.is_file() else None
 
     def hospital_key(self, i: int) -> Path | None:
         path = self.hospitals[i] / "hospital.key"
@@ -178,6 +214,7 @@ def _supernode_argv(
     }
     if (key := parties.hospital_key(i)) is not None:
         node["hospital-key"] = str(key)  # the secret key's path: this SuperNode only
+    node.update(parties.secagg_node(i))  # its identity and the group-mask key: secret
     if data_dir is not None:
         node["data-dir"] = str(data_dir)
     return [
@@ -234,8 +271,8 @@ def deploy_locally(
         Number of hospitals, i.e. SuperNodes (default: 3).
     rounds : int
         FedAvg rounds (default: 1).
-    protection : {"he", "plain"}
-        Protection mode (default: ``he``); ``he`` creates fresh keys.
+    protection : {"he", "plain", "secagg"}
+        Protection mode (default: ``he``); ``he`` and ``secagg`` create fresh keys.
     he_preset : str, optional
         HE preset for the fresh keys; None uses the library default.
     run_config : mapping, optional
@@ -259,10 +296,7 @@ def deploy_locally(
     """
     if clients < 1:
         raise ValueError(f"clients must be >= 1, got {clients}")
-    if get_scheme(protection).staged:
-        raise ValueError(
-            f"protection {protection!r} is not supported on the deployment harness yet"
-        )
+    get_scheme(protection)  # an unknown mode is refused before anything starts
     deadline = time.monotonic() + timeout
     parties = _Parties(work_dir.resolve(), clients)
     parties.create(protection=protection, he_preset=he_preset)
@@ -276,6 +310,8 @@ def deploy_locally(
         "run-dir": str(parties.run_dir),
         "server-key": str(server_key) if server_key else "",  # public material only
     }
+    if (registry := parties.registry()) is not None:
+        overrides["secagg-registry"] = str(registry)  # public keys only
     if he_preset:
         overrides["he-preset"] = he_preset
     overrides.update(run_config or {})

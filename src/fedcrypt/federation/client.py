@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,8 +291,16 @@ def evaluate(setup: SiteSetup, msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 
 
-def build_client_app(setup: SiteSetup) -> ClientApp:
-    """A ClientApp whose hospitals are configured by ``setup``."""
+#: A ClientApp message handler.
+Handler = Callable[[SiteSetup, Message, Context], Message]
+
+
+def build_client_app(setup: SiteSetup, *, evaluate: Handler | None = evaluate) -> ClientApp:
+    """A ClientApp whose hospitals are configured by ``setup``.
+
+    ``evaluate=None`` leaves the ``evaluate`` handler to the caller (the deployment app
+    dispatches it by protection mode).
+    """
     app = ClientApp()
 
     @app.query(HELLO.split(".", 1)[1])
@@ -303,9 +311,12 @@ def build_client_app(setup: SiteSetup) -> ClientApp:
     def _train(msg: Message, context: Context) -> Message:
         return train(setup, msg, context)
 
-    @app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(setup, msg, context)
+    if evaluate is not None:
+        handler = evaluate
+
+        @app.evaluate()
+        def _evaluate(msg: Message, context: Context) -> Message:
+            return handler(setup, msg, context)
 
     return app
 

@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcrypt.config import RunConfig
-from fedcrypt.exceptions import ProtocolError
+from fedcrypt.exceptions import ConfigError, ProtocolError
 from fedcrypt.federation.client import HELLO, SiteSetup, catch_up_payload, hello
 from fedcrypt.federation.drops import Drop
 from fedcrypt.federation.held import Held, held, hold
@@ -98,12 +98,16 @@ class SecAggClientSetup:
 
     Parameters
     ----------
-    config : RunConfig
-        The run (a staged protection mode).
-    params : SecAggParams
-        The consortium's secagg parameters (identical at the server).
-    keys : SecAggKeys
-        Key material; a hospital uses only its own signing key.
+    config : RunConfig, optional
+        The run (a staged protection mode); None reads Flower's run config (deployment).
+    params : SecAggParams, optional
+        The consortium's secagg parameters (identical at the server); None derives the
+        defaults from the run and the registry (deployment).
+    keys : SecAggKeys, optional
+        Key material in memory (simulation); a hospital uses only its own signing key.
+        None reads this SuperNode's key files from its ``--node-config``
+        (``secagg-identity``, ``secagg-registry``, ``secagg-group-mask``, optionally
+        ``secagg-state``; see ``deploy/README.md``).
     output_dir : Path, optional
         Where hospital 0 writes the final ``model.pt``.
     torch_threads : int, optional
@@ -114,9 +118,9 @@ class SecAggClientSetup:
         A task object (see :class:`~fedcrypt.federation.client.SiteSetup`).
     """
 
-    config: RunConfig
-    params: SecAggParams
-    keys: SecAggKeys
+    config: RunConfig | None = None
+    params: SecAggParams | None = None
+    keys: SecAggKeys | None = None
     output_dir: Path | None = None
     torch_threads: int | None = None
     drops: Sequence[Drop] = field(default_factory=tuple)
@@ -153,19 +157,55 @@ class SecAggClientSetup:
             If this node has no key material in the setup.
         """
         hid = self.hospital_id(context)
-        raw = self.keys.signing.get(hid)
-        if raw is None:
-            raise ProtocolError(f"hospital {hid} has no secagg signing key")
-        hospital = SecAggHospital(
-            hid,
-            signing_key=Ed25519PrivateKey.from_private_bytes(raw),
-            registry=self.keys.public_registry(),
-            params=self.params,
-            consortium_key=self.keys.consortium_key,
-        )
+        if self.keys is None:
+            hospital = self._from_files(context, hid)
+        else:
+            raw = self.keys.signing.get(hid)
+            if raw is None:
+                raise ProtocolError(f"hospital {hid} has no secagg signing key")
+            assert self.params is not None
+            hospital = SecAggHospital(
+                hid,
+                signing_key=Ed25519PrivateKey.from_private_bytes(raw),
+                registry=self.keys.public_registry(),
+                params=self.params,
+                consortium_key=self.keys.consortium_key,
+            )
         state = _record(context).get("state")
         if isinstance(state, bytes) and state:
             hospital.import_state(state)
+        return hospital
+
+    def _from_files(self, context: Context, hid: int) -> SecAggHospital:
+        """A SuperNode's SecAggHospital from its key files (deployment)."""
+        from fedcrypt.federation.secagg_flow import deployment_params
+        from fedcrypt.protection.secagg.keys import load_registry, open_hospital
+
+        node = context.node_config
+        missing = [k for k in ("secagg-identity", "secagg-registry") if not node.get(k)]
+        if missing:
+            raise ConfigError(
+                f"this SuperNode needs --node-config {' '.join(f'{k}=<path>' for k in missing)} "
+                "for protection secagg (see deploy/README.md)"
+            )
+        registry = Path(str(node["secagg-registry"]))
+        params = self.params or deployment_params(
+            self.sites.run_config(context), load_registry(registry)
+        )
+        hospital = open_hospital(
+            identity=Path(str(node["secagg-identity"])),
+            registry=registry,
+            params=params,
+            group_mask=Path(str(node["secagg-group-mask"]))
+            if node.get("secagg-group-mask")
+            else None,
+            state_file=Path(str(node["secagg-state"])) if node.get("secagg-state") else None,
+        )
+        if hospital.hospital_id != hid:
+            raise ConfigError(
+                f"{node['secagg-identity']} is hospital {hospital.hospital_id}'s identity, "
+                f"this SuperNode is partition {hid}"
+            )
         return hospital
 
 
@@ -288,13 +328,8 @@ def evaluate(setup: SecAggClientSetup, msg: Message, context: Context) -> Messag
     )
 
 
-def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
-    """A ClientApp answering the hello, the secagg stages and ``evaluate``, for ``setup``."""
-    app = ClientApp()
-
-    @app.query(HELLO.split(".", 1)[1])
-    def _hello(msg: Message, context: Context) -> Message:
-        return hello(setup.sites, msg, context)
+def register_stage_handlers(app: ClientApp, setup: SecAggClientSetup) -> None:
+    """Register the secagg stage handlers (``train.secagg_*``) on ``app``."""
 
     def _stage(stage: str):  # type: ignore[no-untyped-def]
         def handler(msg: Message, context: Context) -> Message:
@@ -322,6 +357,17 @@ def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
     @app.train(ACTIONS["masked_input"])
     def _masked_input(msg: Message, context: Context) -> Message:
         return masked_input(setup, msg, context)
+
+
+def build_secagg_client_app(setup: SecAggClientSetup) -> ClientApp:
+    """A ClientApp answering the hello, the secagg stages and ``evaluate``, for ``setup``."""
+    app = ClientApp()
+
+    @app.query(HELLO.split(".", 1)[1])
+    def _hello(msg: Message, context: Context) -> Message:
+        return hello(setup.sites, msg, context)
+
+    register_stage_handlers(app, setup)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

@@ -20,15 +20,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcrypt.config import RunConfig
 from fedcrypt.exceptions import AggregationError, ConfigError
 from fedcrypt.federation.records import blob_from, blob_record
-from fedcrypt.federation.secagg_client import ACTIONS, SecAggKeys
+from fedcrypt.federation.secagg_client import ACTIONS
 from fedcrypt.federation.strategy import ProtectedFedAvg, TrainOutcome
 from fedcrypt.protection.secagg import STAGES, RoundConfig, SecAggParams, SecAggServer
+from fedcrypt.protection.secagg.keys import Registry
 
 log = logging.getLogger(__name__)
 
@@ -295,12 +297,35 @@ class SecAggFedAvg(ProtectedFedAvg):
         )
 
 
-def secagg_strategy(config: RunConfig, *, keys: SecAggKeys, options: SecAggOptions) -> SecAggFedAvg:
+def deployment_params(config: RunConfig, registry: Registry) -> SecAggParams:
+    """The consortium's parameters on the deployment engine: the defaults, with the
+    registry's group-mask choice (the same at the server and every hospital).
+
+    Raises
+    ------
+    fedcrypt.exceptions.ConfigError
+        If the run does not fit the registry (more hospitals than registered).
+    """
+    if config.clients > len(registry.keys):
+        raise ConfigError(
+            f"the run has {config.clients} hospitals but the registry only {len(registry.keys)}"
+        )
+    return SecAggOptions(group_mask=registry.group_mask).params(config)
+
+
+def secagg_strategy(
+    config: RunConfig,
+    *,
+    registry: Mapping[int, Ed25519PublicKey],
+    options: SecAggOptions | None = None,
+    params: SecAggParams | None = None,
+) -> SecAggFedAvg:
     """The secagg strategy for ``config``: the server gets only the public registry."""
-    params = options.params(config)
+    options = options or SecAggOptions()
+    params = params or options.params(config)
     strategy = SecAggFedAvg(
         params=params,
-        registry=keys.public_registry(),
+        registry=registry,
         num_clients=config.clients,
         threshold=options.threshold,
         dropouts=options.dropouts,

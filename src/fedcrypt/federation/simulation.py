@@ -143,7 +143,7 @@ def prepare_run(
     scheme = get_scheme(config.protection)
     if config.encrypt_layers != "all" and not scheme.layer_selection:
         raise ConfigError(f"--encrypt-layers does not apply to --protection {scheme.name}")
-    if keys_dir is not None and not scheme.key_files:
+    if keys_dir is not None and not scheme.key_pair:
         raise ConfigError(
             f"--keys applies to key-file modes (he); protection {scheme.name!r} makes its own "
             "keys per run"
@@ -164,7 +164,7 @@ def prepare_run(
         "lr": config.lr or task.lr or FALLBACK_LR,
         "model": info.model_name,
     }
-    if scheme.key_files:
+    if scheme.key_pair:
         from fedcrypt.protection.he.params import DEFAULT_PRESET, get_preset
 
         if keys_dir is not None:
@@ -194,7 +194,7 @@ def check_run(
 def _key_pair(run: PreparedRun, run_dir: Path) -> tuple[Path | None, Path | None]:
     """(hospital key, server key) of an ``he`` run: ``--keys``, or a fresh pair kept in
     ``run_dir/keys`` (so that ``--resume`` finds it; the hospital key is written 0600)."""
-    if not run.scheme.key_files:
+    if not run.scheme.key_pair:
         return None, None
     if run.keys_dir is not None:
         return run.keys_dir / HOSPITAL_KEY_FILE, run.keys_dir / SERVER_KEY_FILE
@@ -229,10 +229,10 @@ def _apps(
         options = secagg or SecAggOptions()
         params = options.params(config)
         keys = SecAggKeys.generate(range(config.clients), group_mask=params.group_mask)
-        public = SecAggKeys(signing={}, registry=dict(keys.registry), consortium_key=None)
+        registry = keys.public_registry()  # the server gets the public keys only
         server_app = build_server_app(
             config,
-            factory=lambda cfg: secagg_strategy(cfg, keys=public, options=options),
+            factory=lambda cfg: secagg_strategy(cfg, registry=registry, options=options),
             outcome=outcome,
             run_dir=run_dir,
             resume=resume,

@@ -17,14 +17,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedcrypt import __version__
+from fedcrypt.portal import docs
 from fedcrypt.portal.config import PortalSettings
 from fedcrypt.portal.context import Portal
 from fedcrypt.portal.deps import SESSION_COOKIE, LoginRequiredError
 from fedcrypt.portal.errors import NotAuthenticatedError, PortalError, RateLimitedError
 from fedcrypt.portal.models import User
+from fedcrypt.portal.proxy import ForwardedHeadersMiddleware, TrustedProxies
 from fedcrypt.portal.routes import api_router
 from fedcrypt.portal.services import accounts
-from fedcrypt.portal.services import rounds as round_service
+from fedcrypt.portal.services import aggregation as round_service
 from fedcrypt.portal.web import web_router
 from fedcrypt.portal.web.common import redirect, render
 
@@ -36,6 +38,12 @@ API_PREFIX = "/api/v1"
 _PAGE_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'none'; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+#: The API browsers run their bundled scripts (served by this portal, never a CDN).
+_DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
 )
 
 
@@ -51,7 +59,7 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        is_docs = path.startswith(("/docs", "/redoc"))
+        is_docs = path in (docs.DOCS_URL, docs.REDOC_URL)
 
         async def _send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -61,8 +69,8 @@ class SecurityHeadersMiddleware:
                     (b"referrer-policy", b"same-origin"),
                     (b"x-frame-options", b"DENY"),
                 ]
-                if not is_docs:
-                    headers.append((b"content-security-policy", _PAGE_CSP.encode()))
+                csp = _DOCS_CSP if is_docs else _PAGE_CSP
+                headers.append((b"content-security-policy", csp.encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -86,9 +94,12 @@ def create_app(
 ) -> FastAPI:
     """Build the portal application.
 
-    Opens the database (creating tables), reopens rounds whose aggregation a crash
-    interrupted, and deletes partial uploads. While serving, a background task checks
-    round deadlines every ``settings.tick_interval_s`` seconds.
+    Opens the database (upgrading its schema with Alembic), reopens rounds whose
+    aggregation a crash interrupted, and deletes partial uploads and orphan blobs.
+    While serving, a background task checks round deadlines every
+    ``settings.tick_interval_s`` seconds. ``X-Forwarded-For`` is believed only from
+    ``settings.forwarded_allow_ips``. ``/docs`` (Swagger UI) and ``/redoc`` are served
+    from installed files, without a CDN.
 
     Parameters
     ----------
@@ -122,17 +133,23 @@ def create_app(
         title="fedcrypt consortium portal",
         version=__version__,
         description=(
-            "Hospitals upload protected (CKKS-encrypted) model updates; the portal "
+            "Hospitals upload protected (homomorphically encrypted) model updates; the portal "
             "aggregates them without decrypting and publishes the protected aggregate. "
             "Authenticate with `Authorization: Bearer <token>` (POST /api/v1/auth/token)."
         ),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.portal = portal
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    docs.install(app)
     app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(web_router)
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(
+        ForwardedHeadersMiddleware, proxies=TrustedProxies(settings.forwarded_allow_ips)
+    )
 
     @app.exception_handler(PortalError)
     async def _portal_error(request: Request, exc: PortalError) -> Response:

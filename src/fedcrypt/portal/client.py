@@ -237,8 +237,25 @@ class PortalClient:
         r = self._request("POST", "/federations", what="create federation", json=fields)
         return FederationPublic.model_validate(r.json())
 
+    def update_federation(self, federation_id: int, **fields: Any) -> FederationPublic:
+        """Correct a federation (admin); see :class:`~fedcrypt.portal.schemas.FederationUpdate`."""
+        r = self._request(
+            "PATCH", f"/federations/{federation_id}", what="update federation", json=fields
+        )
+        return FederationPublic.model_validate(r.json())
+
+    def cancel_federation(self, federation_id: int, *, reason: str = "") -> FederationPublic:
+        """Cancel a federation (admin): its open round closes, uploads are refused."""
+        r = self._request(
+            "POST",
+            f"/federations/{federation_id}/cancel",
+            what="cancel federation",
+            json={"reason": reason},
+        )
+        return FederationPublic.model_validate(r.json())
+
     def put_server_key(self, federation_id: int, path: Path) -> FederationPublic:
-        """Upload a ckks federation's public ``server.key`` (admin)."""
+        """Upload an he federation's public ``server.key`` (admin)."""
         with open(path, "rb") as f:
             r = self._request(
                 "PUT",
@@ -324,8 +341,20 @@ class PortalClient:
             what=f"aggregate of round {number}",
         )
 
+    def exclude_upload(
+        self, federation_id: int, number: int, upload_id: int, *, reason: str
+    ) -> UploadPublic:
+        """Leave an update out of its round's aggregate (admin)."""
+        r = self._request(
+            "POST",
+            f"/federations/{federation_id}/rounds/{number}/uploads/{upload_id}/exclude",
+            what=f"exclude upload {upload_id}",
+            json={"reason": reason},
+        )
+        return UploadPublic.model_validate(r.json())
+
     def force_aggregate(self, federation_id: int, number: int) -> RoundPublic:
-        """Aggregate an open round now if its quorum is met (admin)."""
+        """Aggregate an open (or failed) round now if its quorum is met (admin)."""
         r = self._request(
             "POST", f"/federations/{federation_id}/rounds/{number}/aggregate", what="aggregate"
         )
@@ -378,10 +407,13 @@ class PortalClient:
         on_wait : callable, optional
             Called with the round's state after every poll that finds it not ready.
 
+        A ``failed`` round keeps being waited for (the admin excludes the update it
+        blames, or its hospital uploads again); ``on_wait`` sees its ``error``.
+
         Raises
         ------
         PortalClientError
-            On timeout, or when the portal reports an aggregation error.
+            On timeout, or when the round was cancelled.
         """
         deadline = time.monotonic() + timeout_s
         while True:
@@ -393,6 +425,8 @@ class PortalClient:
                 state = None  # the portal is restarting or unreachable: keep waiting
             if state is not None and state.status == "aggregated":
                 return state
+            if state is not None and state.status == "cancelled":
+                raise PortalClientError(f"round {number} was cancelled by the admin")
             if state is not None and on_wait is not None:
                 on_wait(state)
             if time.monotonic() >= deadline:

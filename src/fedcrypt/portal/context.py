@@ -1,4 +1,4 @@
-"""The running portal's shared state: settings, database, blob store, clock, limiter."""
+"""The running portal's shared state: settings, database, blob store, clock, limiters."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from fedcrypt.exceptions import ConfigError
+from fedcrypt.portal import migrate
 from fedcrypt.portal.config import PortalSettings
-from fedcrypt.portal.db import init_db, make_engine, make_sessionmaker, utcnow
+from fedcrypt.portal.db import make_engine, make_sessionmaker, utcnow
 from fedcrypt.portal.security import LoginRateLimiter
 from fedcrypt.portal.storage import BlobStore
 from fedcrypt.protection.base import ServerAggregator
@@ -31,10 +34,14 @@ class Portal:
     sessionmaker: sessionmaker[Session]
     store: BlobStore
     limiter: LoginRateLimiter
+    ip_limiter: LoginRateLimiter
     clock: Callable[[], datetime] = utcnow
     aggregators: dict[str, ServerAggregator] = field(default_factory=dict)
     aggregation_lock: threading.Lock = field(default_factory=threading.Lock)
     blob_lock: threading.Lock = field(default_factory=threading.Lock)
+    validation_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2)
+    )
 
     @classmethod
     def open(
@@ -44,7 +51,11 @@ class Portal:
         clock: Callable[[], datetime] | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> Portal:
-        """Connect to the database (creating tables) and the data directory.
+        """Connect to the database (upgrading its schema) and the data directory.
+
+        With ``settings.migrate_on_start`` the schema is brought to the current revision
+        (:func:`fedcrypt.portal.migrate.upgrade`); otherwise a database behind it is
+        refused.
 
         Parameters
         ----------
@@ -54,10 +65,26 @@ class Portal:
             Returns the current aware UTC time (default: the system clock).
         monotonic : callable, optional
             Seconds clock for the sign-in rate limiter (default: :func:`time.monotonic`).
+
+        Raises
+        ------
+        fedcrypt.exceptions.ConfigError
+            If the database driver is missing, the database cannot be reached, or its
+            schema is not current (and ``migrate_on_start`` is off).
         """
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.db_url)
-        init_db(engine)
+        try:
+            if settings.migrate_on_start:
+                migrate.upgrade(engine)
+            else:
+                migrate.check_current(engine)
+        except OperationalError as exc:
+            engine.dispose()
+            raise ConfigError(f"cannot open the portal database: {exc.orig}") from None
+        except BaseException:
+            engine.dispose()
+            raise
         return cls(
             settings=settings,
             engine=engine,
@@ -66,7 +93,11 @@ class Portal:
             limiter=LoginRateLimiter(
                 settings.login_max_failures, settings.login_window_s, clock=monotonic
             ),
+            ip_limiter=LoginRateLimiter(
+                settings.login_max_failures_per_ip, settings.login_window_s, clock=monotonic
+            ),
             clock=clock or utcnow,
+            validation_slots=threading.BoundedSemaphore(settings.max_concurrent_validations),
         )
 
     @contextmanager

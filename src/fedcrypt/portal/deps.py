@@ -5,16 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from fedcrypt.portal.context import Portal
 from fedcrypt.portal.errors import ForbiddenError, NotAuthenticatedError
 from fedcrypt.portal.models import ROLE_HOSPITAL, User
+from fedcrypt.portal.schemas import MAX_ID
 from fedcrypt.portal.services import accounts
 
 SESSION_COOKIE = "fedcrypt_session"
+
+#: Path parameters, bounded so that no number reaches the database unchecked.
+FederationId = Annotated[int, Path(ge=1, le=MAX_ID, description="The federation's id.")]
+RoundNumber = Annotated[int, Path(ge=1, le=MAX_ID, description="The round number (from 1).")]
+UploadId = Annotated[int, Path(ge=1, le=MAX_ID, description="The upload's id.")]
+HospitalId = Annotated[int, Path(ge=1, le=MAX_ID, description="The hospital account's id.")]
 
 _bearer = HTTPBearer(auto_error=False, description="An API token from POST /api/v1/auth/token")
 
@@ -38,7 +45,12 @@ SessionDep = Annotated[Session, Depends(get_db)]
 
 
 def get_client_ip(request: Request) -> str:
-    """The caller's address as seen by the server (for the audit log and rate limits)."""
+    """The caller's address (audit log, rate limits).
+
+    The TCP peer, or what a trusted proxy (``--forwarded-allow-ips``) put in
+    ``X-Forwarded-For``: :class:`fedcrypt.portal.proxy.ForwardedHeadersMiddleware`
+    has already rewritten it. A spoofed header from anyone else is ignored.
+    """
     return request.client.host if request.client else "unknown"
 
 

@@ -28,10 +28,17 @@ STATUS_SUSPENDED = "suspended"
 FED_DRAFT = "draft"
 FED_RUNNING = "running"
 FED_FINISHED = "finished"
+FED_CANCELLED = "cancelled"
 
 ROUND_OPEN = "open"
 ROUND_AGGREGATING = "aggregating"
 ROUND_AGGREGATED = "aggregated"
+#: Aggregation failed: the reason and the offending upload are recorded; the admin
+#: excludes the upload (or the hospital re-uploads) and the round aggregates again.
+ROUND_FAILED = "failed"
+ROUND_CANCELLED = "cancelled"
+#: Rounds that take uploads.
+ROUND_ACCEPTING = (ROUND_OPEN, ROUND_FAILED)
 
 
 class User(Base):
@@ -91,13 +98,25 @@ class WebSession(Base):
 
 
 class Federation(Base):
-    """A training federation: model, protection scheme, quorum and round schedule."""
+    """A training federation: task, model, training settings, protection, round schedule.
+
+    The training settings (``local_epochs``, ``lr``, ``batch_size``, ``image_size``)
+    are the federation's; ``local_overrides`` (comma-separated setting names) lists
+    those a hospital may set differently on its own machine.
+    """
 
     __tablename__ = "federations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(80), unique=True)
-    model: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(512))
+    task: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    dataset: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    local_epochs: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    lr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_size: Mapped[int] = mapped_column(Integer, default=32, server_default="32")
+    image_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    local_overrides: Mapped[str] = mapped_column(String(200), default="", server_default="")
     dataset_description: Mapped[str] = mapped_column(Text, default="")
     protection: Mapped[str] = mapped_column(String(16))
     he_preset: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -112,6 +131,8 @@ class Federation(Base):
     server_key_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     key_fingerprint: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancel_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     rounds: Mapped[list[Round]] = relationship(
         back_populates="federation", order_by="Round.number", cascade="all, delete-orphan"
@@ -140,6 +161,9 @@ class Round(Base):
     aggregation_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     upload_seq: Mapped[int] = mapped_column(Integer, default=0)
+    #: When the last aggregation attempt failed, and the upload it blamed (if any).
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failed_upload_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     federation: Mapped[Federation] = relationship(back_populates="rounds")
     uploads: Mapped[list[Upload]] = relationship(
@@ -151,7 +175,13 @@ class Round(Base):
 
 
 class Upload(Base):
-    """A hospital's protected update for one round (a re-upload replaces it)."""
+    """A hospital's protected update for one round (a re-upload replaces it).
+
+    ``mode``, ``table_sha256`` and ``max_examples`` are the quantization grid of a
+    packed (BFV) update, from its header and step-table section; every update of a
+    round must share them. An excluded update (``excluded_at``) stays on record but is
+    not aggregated, and its hospital cannot upload again in that round.
+    """
 
     __tablename__ = "uploads"
     __table_args__ = (UniqueConstraint("round_id", "user_id"),)
@@ -165,6 +195,16 @@ class Upload(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime())
     upload_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    table_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    max_examples: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    excluded_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    excluded_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    @property
+    def excluded(self) -> bool:
+        """Whether the admin excluded this update from its round's aggregate."""
+        return self.excluded_at is not None
 
     round: Mapped[Round] = relationship(back_populates="uploads")
     user: Mapped[User] = relationship()

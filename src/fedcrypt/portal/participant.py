@@ -51,11 +51,12 @@ class ParticipationConfig:
 
     Attributes
     ----------
-    dataset : str
+    dataset : str or None
         ``wdbc``, ``breastmnist``, ``pneumoniamnist`` or a MedMNIST ``.npz`` path (the
-        built-in task; ignored with ``task``).
+        built-in task; ignored with ``task``); None takes the federation's.
     task : str or None
-        This hospital's task reference (``FILE.py:NAME`` or ``package.module:NAME``).
+        This hospital's task reference (``FILE.py:NAME`` or ``package.module:NAME``);
+        None takes the federation's, if it has one.
     data_dir : pathlib.Path or None
         Folder with the MedMNIST ``.npz`` files.
     client_id, num_clients : int
@@ -69,12 +70,9 @@ class ParticipationConfig:
         Seed of partition, data split and training (default: 0).
     val_fraction : float
         Local validation share (default: 0.2).
-    batch_size : int
-        Local batch size (default: 32).
-    epochs : int
-        Local epochs per round (default: 1).
-    lr : float or None
-        Adam learning rate (default: by model, 1e-2 for ``mlp``).
+    batch_size, epochs, lr, image_size : int, int, float, int or None
+        Local training settings; None takes the federation's. A value the federation
+        fixes (not in its ``local_overrides``) is refused when it differs.
     key_file : pathlib.Path or None
         The hospital key file (secret; required for ``ckks``).
     eval_split : {"val", "test"}
@@ -85,7 +83,7 @@ class ParticipationConfig:
         Longest wait for one round's aggregate in seconds (default: 3600).
     """
 
-    dataset: str = "wdbc"
+    dataset: str | None = None
     task: str | None = None
     data_dir: Path | None = None
     client_id: int = 0
@@ -94,29 +92,56 @@ class ParticipationConfig:
     alpha: float = 0.5
     seed: int = 0
     val_fraction: float = 0.2
-    batch_size: int = 32
-    epochs: int = 1
+    batch_size: int | None = None
+    epochs: int | None = None
     lr: float | None = None
+    image_size: int | None = None
     key_file: Path | None = None
     eval_split: Literal["val", "test"] = "val"
     poll_s: float = 2.0
     timeout_s: float = 3600.0
 
-    def run_config(self, *, model: str | None) -> RunConfig:
-        """The :class:`RunConfig` of this hospital's local training (seeds, lr, data)."""
+    def run_config(self, fed: FederationPublic) -> RunConfig:
+        """The :class:`RunConfig` of this hospital's local training: the federation's
+        settings, with this hospital's own where the admin allows them.
+
+        Raises
+        ------
+        fedcrypt.exceptions.ConfigError
+            If a setting the federation fixes is given with another value.
+        """
+        fixed = {
+            "epochs": ("local_epochs", fed.local_epochs),
+            "lr": ("lr", fed.lr),
+            "batch_size": ("batch_size", fed.batch_size),
+            "image_size": ("image_size", fed.image_size),
+        }
+        chosen: dict[str, object] = {}
+        for attr, (name, value) in fixed.items():
+            mine = getattr(self, attr)
+            if mine is not None and mine != value and name not in fed.local_overrides:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"federation {fed.name!r} fixes {name} = {value}: {flag} {mine} is not "
+                    "allowed (the admin did not mark it as a local setting)"
+                )
+            chosen[name] = mine if mine is not None else value
+        model_is_task = ":" in fed.model
+        task = self.task or fed.task or (fed.model if model_is_task else None)
         return RunConfig.build(
-            task=self.task,
-            dataset=self.dataset,
+            task=task,
+            dataset=self.dataset or fed.dataset or "wdbc",
             data_dir=self.data_dir,
-            model=None if self.task else model,
+            model=None if task else fed.model,
             clients=self.num_clients,
             partition=self.partition,
             alpha=self.alpha,
             seed=self.seed,
             val_fraction=self.val_fraction,
-            batch_size=self.batch_size,
-            local_epochs=self.epochs,
-            lr=self.lr,
+            batch_size=chosen["batch_size"],
+            local_epochs=chosen["local_epochs"],
+            lr=chosen["lr"],
+            image_size=chosen["image_size"],
             protection="plain",
         )
 
@@ -142,13 +167,13 @@ class RoundOutcome:
 
 def _protection(fed: FederationPublic, key_file: Path | None) -> HospitalProtection:
     scheme = get_scheme(fed.protection)
-    if scheme.key_files and key_file is None:
+    if scheme.key_pair and key_file is None:
         raise KeyMaterialError(
             f"this federation uses {scheme.name}: pass --key with your hospital.key "
             "(the secret key file)"
         )
     prot = scheme.hospital_protection(key_file=key_file)
-    if scheme.key_files:
+    if scheme.key_pair:
         fingerprint = getattr(prot, "fingerprint", None)
         if fingerprint != fed.key_fingerprint:
             raise KeyMaterialError(
@@ -218,7 +243,12 @@ def participate(
     prot = _protection(fed, config.key_file)
     start = _current_round(client.rounds(fed.id), fed)
 
-    run_config = config.run_config(model=fed.model)
+    if fed.status == "cancelled":
+        raise PortalClientError(
+            f"federation {fed.name!r} was cancelled"
+            + (f": {fed.cancel_reason}" if fed.cancel_reason else "")
+        )
+    run_config = config.run_config(fed)
     site = LocalSite(
         task_for(run_config),
         config=run_config,

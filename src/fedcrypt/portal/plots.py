@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 METRICS: tuple[tuple[str, str], ...] = (
@@ -64,8 +65,20 @@ def summarize(points: Sequence[MetricPoint]) -> list[RoundSummary]:
     return out
 
 
+def plain_label(text: str) -> str:
+    """A legend label shown verbatim.
+
+    Matplotlib hides legend entries whose label starts with ``_``; such a name gets a
+    leading space. (Mathtext is turned off while rendering, see :func:`metrics_png`.)
+    """
+    return " " + text if text.startswith("_") else text
+
+
 def metrics_png(points: Sequence[MetricPoint], *, title: str) -> bytes:
     """Plot loss, accuracy and ROC AUC per round: each hospital and the weighted mean.
+
+    Every text (hospital names, the federation's name) is drawn verbatim: mathtext is
+    off (``text.parse_math``), so a name such as ``$\\x$`` cannot break the plot.
 
     Parameters
     ----------
@@ -79,6 +92,11 @@ def metrics_png(points: Sequence[MetricPoint], *, title: str) -> bytes:
     bytes
         A PNG image (about 1000x330 pixels).
     """
+    with rc_context({"text.parse_math": False, "text.usetex": False}):
+        return _render(points, title=title)
+
+
+def _render(points: Sequence[MetricPoint], *, title: str) -> bytes:
     fig = Figure(figsize=(10, 3.3), dpi=100, layout="constrained")
     axes = fig.subplots(1, 3)
     summary = summarize(points)
@@ -90,7 +108,7 @@ def metrics_png(points: Sequence[MetricPoint], *, title: str) -> bytes:
                 getattr(p, key) for p in points if p.hospital == h and getattr(p, key) is not None
             ]
             if xs:
-                ax.plot(xs, ys, marker="o", linewidth=1, alpha=0.45, label=h)
+                ax.plot(xs, ys, marker="o", linewidth=1, alpha=0.45, label=plain_label(h))
         sx = [s.round for s in summary if getattr(s, key) is not None]
         sy = [getattr(s, key) for s in summary if getattr(s, key) is not None]
         if sx:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from fedcrypt.config import DEPRECATED_PROTECTIONS
 
 _EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")
 
@@ -33,16 +43,13 @@ def _name(value: str) -> str:
 Email = Annotated[str, AfterValidator(_email)]
 DisplayName = Annotated[str, AfterValidator(_name)]
 Password = Annotated[SecretStr, Field(min_length=PASSWORD_MIN, max_length=256)]
-Protection = Literal["plain", "he"]
-#: Deprecated protection names accepted in requests and stored rows.
-PROTECTION_ALIASES = {"ckks": "he"}
 
 
 def _mode(value: object) -> object:
     """Map a deprecated protection name (``ckks``) to its mode (``he``)."""
     if isinstance(value, str):
         value = value.strip().lower()
-        return PROTECTION_ALIASES.get(value, value)
+        return DEPRECATED_PROTECTIONS.get(value, value)
     return value
 
 
@@ -98,62 +105,231 @@ class TokenPublic(BaseModel):
 
 # --- federations ----------------------------------------------------------------------
 
+#: The built-in model architectures (``fedcrypt.tasks.models``).
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "mobilenetv2", "resnet18")
+#: Settings the admin may let each hospital set on its own machine.
+OVERRIDABLE: tuple[str, ...] = ("local_epochs", "lr", "batch_size", "image_size")
+#: Largest id or round number accepted in a path or body (PostgreSQL ``integer``).
+MAX_ID = (1 << 31) - 1
+#: Largest model size ``P`` (number of values) a federation may declare.
+MAX_MODEL_VALUES = 1 << 31
+
+_MODULE_REF = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+)
+_FILE_REF = re.compile(r"^[A-Za-z0-9_./-]+\.py:[A-Za-z_][A-Za-z0-9_]*$")
+_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def is_task_reference(value: str) -> bool:
+    """Whether ``value`` looks like ``package.module:NAME`` or ``FILE.py:NAME``."""
+    return bool(_MODULE_REF.match(value) or _FILE_REF.match(value)) and ".." not in value
+
+
+def _model(value: str) -> str:
+    value = value.strip()
+    if value.lower() in BUILTIN_MODELS:
+        return value.lower()
+    if len(value) <= 512 and is_task_reference(value):
+        return value
+    raise ValueError(
+        f"unknown model {value!r}: use a built-in model ({', '.join(BUILTIN_MODELS)}) or a "
+        "task reference (package.module:NAME or FILE.py:NAME)"
+    )
+
+
+def _task(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if len(value) > 512 or not is_task_reference(value):
+        raise ValueError("a task reference looks like package.module:NAME or FILE.py:NAME")
+    return value
+
+
+def _dataset(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if len(value) > 256 or not _DATASET.match(value):
+        raise ValueError(
+            "a dataset is named, not a path (e.g. wdbc, breastmnist or chestmnist_64.npz): "
+            "each hospital points at its own copy with --data-dir"
+        )
+    return value
+
+
+def _protection_name(value: object) -> object:
+    """Resolve a protection name through the registry (``ckks`` means ``he``)."""
+    import warnings
+
+    from fedcrypt.protection.registry import get_scheme
+
+    if not isinstance(value, str):
+        return value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scheme = get_scheme(value)
+    except ValueError as exc:  # ConfigError is a ValueError
+        raise ValueError(str(exc)) from None
+    if scheme.staged:
+        raise ValueError(
+            f"{scheme.name} ({scheme.title}) is a multi-stage protocol; the portal relays "
+            "single-message protection only (plain, he)"
+        )
+    return scheme.name
+
+
+def _preset(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    from fedcrypt.protection.he.params import get_preset
+
+    try:
+        return get_preset(value.strip()).name
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _overrides(value: object) -> object:
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", ",").split(",") if v]
+    if isinstance(value, list | tuple):
+        out: list[str] = []
+        for v in value:
+            name = str(v).strip().replace("-", "_")
+            if name not in OVERRIDABLE:
+                raise ValueError(
+                    f"{v!r} cannot be overridden locally; choose from {', '.join(OVERRIDABLE)}"
+                )
+            if name not in out:
+                out.append(name)
+        return [n for n in OVERRIDABLE if n in out]
+    return value
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_model)]
+TaskRef = Annotated[str | None, Field(max_length=512), AfterValidator(_task)]
+DatasetName = Annotated[str | None, Field(max_length=256), AfterValidator(_dataset)]
+PresetName = Annotated[str | None, Field(max_length=200), AfterValidator(_preset)]
+Overrides = Annotated[list[str], BeforeValidator(_overrides)]
+LocalEpochs = Annotated[int, Field(ge=1, le=1000)]
+LearningRate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+BatchSize = Annotated[int, Field(ge=1, le=65536)]
+ImageSize = Annotated[int, Field(ge=8, le=2048)]
+Quorum = Annotated[int, Field(ge=1, le=10_000)]
+Rounds = Annotated[int, Field(ge=1, le=10_000)]
+DeadlineMinutes = Annotated[float, Field(gt=0, le=60 * 24 * 30, allow_inf_nan=False)]
+ModelSize = Annotated[int, Field(ge=1, le=MAX_MODEL_VALUES)]
+
 
 class FederationCreate(BaseModel):
-    """What the admin decides when creating a federation."""
+    """What the admin decides when creating a federation.
+
+    The training settings are the federation's: ``participate`` takes them from here,
+    and a hospital may set differently only those listed in ``local_overrides``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=2, max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
-    model: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    model: ModelName = "mlp"
+    task: TaskRef = None
+    dataset: DatasetName = None
+    local_epochs: LocalEpochs = 1
+    lr: LearningRate | None = None
+    batch_size: BatchSize = 32
+    image_size: ImageSize | None = None
+    local_overrides: Overrides = Field(default_factory=list)
     dataset_description: str = Field(default="", max_length=4000)
-    protection: Protection = "he"
-    he_preset: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    quorum: int = Field(default=2, ge=1, le=10_000)
-    round_deadline_minutes: float = Field(default=60.0, gt=0, le=60 * 24 * 30)
-    num_rounds: int = Field(default=10, ge=1, le=10_000)
-    model_size: int | None = Field(default=None, ge=1)
+    protection: str = "he"
+    he_preset: PresetName = None
+    quorum: Quorum = 2
+    round_deadline_minutes: DeadlineMinutes = 60.0
+    num_rounds: Rounds = 10
+    model_size: ModelSize | None = None
 
     @field_validator("protection", mode="before")
     @classmethod
     def _protection(cls, v: object) -> object:
-        return _mode(v)
+        return _protection_name(v)
 
-    @field_validator("round_deadline_minutes")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationCreate:
+        if self.task is not None and self.dataset is not None:
+            raise ValueError("give a task (which brings its own data) or a dataset, not both")
+        from fedcrypt.protection.registry import get_scheme
+
+        if not get_scheme(self.protection).key_pair and self.he_preset is not None:
+            raise ValueError("an HE preset applies to protection 'he' only")
+        return self
 
 
 class FederationUpdate(BaseModel):
-    """Settings the admin may change after creation."""
+    """Corrections the admin may make (absent fields are left alone; ``null`` clears).
+
+    The description, quorum, deadline and number of rounds can change at any time;
+    the training settings until round 1 has an upload; the model, task, dataset, image
+    size, protection, preset and model size only then too, and changing them on a
+    running federation returns it to ``draft`` (the initial model must be published
+    again).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     dataset_description: str | None = Field(default=None, max_length=4000)
-    quorum: int | None = Field(default=None, ge=1, le=10_000)
-    round_deadline_minutes: float | None = Field(default=None, gt=0, le=60 * 24 * 30)
-    num_rounds: int | None = Field(default=None, ge=1, le=10_000)
+    quorum: Quorum | None = None
+    round_deadline_minutes: DeadlineMinutes | None = None
+    num_rounds: Rounds | None = None
+    model: ModelName | None = None
+    task: TaskRef = None
+    dataset: DatasetName = None
+    local_epochs: LocalEpochs | None = None
+    lr: LearningRate | None = None
+    batch_size: BatchSize | None = None
+    image_size: ImageSize | None = None
+    local_overrides: Overrides | None = None
+    protection: str | None = None
+    he_preset: PresetName = None
+    model_size: ModelSize | None = None
+
+    @field_validator("protection", mode="before")
+    @classmethod
+    def _protection(cls, v: object) -> object:
+        return _protection_name(v)
+
+
+class FederationCancel(BaseModel):
+    """Why the admin cancels a federation (shown on its page)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=2000)
 
 
 class FederationPublic(BaseModel):
-    """A federation as the API shows it."""
+    """A federation as the API shows it: everything a hospital needs to take part.
+
+    ``participate`` reads ``task`` or ``dataset``, ``model``, ``local_epochs``, ``lr``,
+    ``batch_size``, ``image_size``, ``protection`` and ``he_preset`` from here; a
+    hospital may set only the settings named in ``local_overrides`` differently.
+    """
 
     model_config = ConfigDict(from_attributes=True)
 
     id: int
     name: str
     model: str
+    task: str | None = None
+    dataset: str | None = None
+    local_epochs: int = 1
+    lr: float | None = None
+    batch_size: int = 32
+    image_size: int | None = None
+    local_overrides: list[str] = Field(default_factory=list)
     dataset_description: str
     protection: str
-
-    @field_validator("protection", mode="before")
-    @classmethod
-    def _protection(cls, v: object) -> object:
-        return _mode(v)
-
     he_preset: str | None
     quorum: int
     round_deadline_minutes: float
@@ -166,6 +342,21 @@ class FederationPublic(BaseModel):
     key_fingerprint: str | None
     current_round: int | None = None
     created_at: datetime
+    cancelled_at: datetime | None = None
+    cancel_reason: str | None = None
+    join_command: str | None = None
+
+    @field_validator("protection", mode="before")
+    @classmethod
+    def _protection(cls, v: object) -> object:
+        return _mode(v)
+
+    @field_validator("local_overrides", mode="before")
+    @classmethod
+    def _stored_overrides(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [x for x in v.split(",") if x]
+        return v
 
 
 # --- rounds ---------------------------------------------------------------------------
@@ -183,6 +374,16 @@ class UploadPublic(BaseModel):
     num_examples: int
     version: int
     uploaded_at: datetime
+    excluded: bool = False
+    excluded_reason: str | None = None
+
+
+class UploadExclude(BaseModel):
+    """Why the admin leaves an update out of its round's aggregate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000)
 
 
 class RoundPublic(BaseModel):
@@ -201,6 +402,9 @@ class RoundPublic(BaseModel):
     aggregate_size: int | None
     aggregation_seconds: float | None
     error: str | None
+    failed_at: datetime | None = None
+    failed_upload_id: int | None = None
+    num_excluded: int = 0
     uploaded_by_me: bool = False
 
 
@@ -212,7 +416,7 @@ class MetricsCreate(BaseModel):
     loss: float = Field(ge=0, allow_inf_nan=False)
     accuracy: float = Field(ge=0, le=1, allow_inf_nan=False)
     auc: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    num_examples: int = Field(ge=1)
+    num_examples: int = Field(ge=1, le=1 << 31)
 
 
 class MetricsPublic(BaseModel):

@@ -90,25 +90,32 @@ def secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(sha256_hex(secret), stored_hash)
 
 
-def csrf_token(secret_key: str, nonce: str) -> str:
-    """The form token for a CSRF cookie ``nonce``: HMAC-SHA256 under the server secret.
+CSRF_CONTEXT = b"fedcrypt/portal/csrf/v2|"
 
-    This is the signed double-submit pattern: the browser holds ``nonce`` in an
-    HttpOnly cookie, every form carries ``csrf_token(secret, nonce)``, and a forged form
-    from another site can know neither.
+
+def csrf_token(secret_key: str, binding: str) -> str:
+    """The form token bound to ``binding``: HMAC-SHA256 under the server secret.
+
+    ``binding`` is the signed-in browser session (``"session:<key id>"``), or for the
+    sign-in and registration forms an HttpOnly nonce cookie (``"nonce:<value>"``)
+    (OWASP CSRF Prevention Cheat Sheet, signed double-submit cookie bound to the
+    session). A forged form from another site knows neither, and a token taken from one
+    session is worthless in another.
     """
-    return hmac.new(secret_key.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(
+        secret_key.encode(), CSRF_CONTEXT + binding.encode(), hashlib.sha256
+    ).hexdigest()
 
 
-def csrf_valid(secret_key: str, nonce: str | None, token: str | None) -> bool:
-    """Check a submitted form token against the cookie nonce in constant time."""
-    if not nonce or not token:
+def csrf_valid(secret_key: str, binding: str | None, token: str | None) -> bool:
+    """Check a submitted form token against its binding in constant time."""
+    if not binding or not token:
         return False
-    return hmac.compare_digest(csrf_token(secret_key, nonce), token)
+    return hmac.compare_digest(csrf_token(secret_key, binding), token)
 
 
 class LoginRateLimiter:
-    """Count failed sign-ins per key (client address, e-mail) in a sliding window.
+    """Count failed sign-ins per key (e.g. account and client address) in a sliding window.
 
     Parameters
     ----------
@@ -146,10 +153,18 @@ class LoginRateLimiter:
                     wait = max(wait, self.window_s - (now - q[0]))
         return wait
 
+    #: Keys kept before expired ones are swept (bounds memory under many addresses).
+    SWEEP_ABOVE = 100_000
+
     def failure(self, *keys: str) -> None:
         """Record a failed attempt against every key."""
         now = self._clock()
         with self._lock:
+            if len(self._failures) > self.SWEEP_ABOVE:
+                for stale in [
+                    k for k, q in self._failures.items() if not q or now - q[-1] >= self.window_s
+                ]:
+                    del self._failures[stale]
             for key in keys:
                 self._prune(key, now).append(now)
 

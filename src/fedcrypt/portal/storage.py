@@ -163,6 +163,10 @@ class BlobStore:
         """Read a whole blob into memory."""
         return self.path(sha256).read_bytes()
 
+    def list_blobs(self) -> list[str]:
+        """The hashes of every stored blob (files named otherwise are ignored)."""
+        return sorted(p.name for p in self.blobs.glob("??/*") if p.is_file() and is_sha256(p.name))
+
     def delete(self, sha256: str) -> None:
         """Remove a blob (no error if it is already gone)."""
         with contextlib.suppress(FileNotFoundError):

@@ -167,8 +167,11 @@ class Scheme:
         Whether the server can read an individual hospital's update.
     server_sees_aggregate : bool
         Whether the server can read the aggregate (the global model) by default.
-    key_files : bool
-        Whether a run needs key files from ``fedcrypt keys generate``.
+    key_pair : bool
+        Whether a run needs the shared key pair of ``fedcrypt keys generate``
+        (``hospital.key`` at the hospitals, ``server.key`` at the server: ``he``).
+        secagg's consortium key files (``--protection secagg``) are the staged
+        protocol's own.
     staged : bool
         True for multi-stage protocols (secagg: four signed exchanges per round); False
         for single-message schemes (one upload per hospital per round).
@@ -195,7 +198,7 @@ class Scheme:
     wire_scheme: str
     server_sees_updates: bool
     server_sees_aggregate: bool
-    key_files: bool
+    key_pair: bool
     staged: bool
     layer_selection: bool
     threat: str

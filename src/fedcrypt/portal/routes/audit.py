@@ -19,7 +19,7 @@ def read_audit(
     db: SessionDep,
     _admin: AdminUser,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1 << 31)] = 0,
     action: Annotated[str | None, Query(max_length=64)] = None,
 ) -> list[AuditEventPublic]:
     """Audit events, newest first, optionally filtered by action (e.g. ``update.reject``)."""

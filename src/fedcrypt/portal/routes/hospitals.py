@@ -6,7 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter
 
-from fedcrypt.portal.deps import AdminUser, ClientIP, PortalDep, SessionDep
+from fedcrypt.portal.deps import AdminUser, ClientIP, HospitalId, PortalDep, SessionDep
 from fedcrypt.portal.models import STATUS_APPROVED, STATUS_REJECTED, STATUS_SUSPENDED
 from fedcrypt.portal.schemas import HospitalCreate, UserPublic
 from fedcrypt.portal.services import accounts
@@ -34,7 +34,7 @@ def list_hospitals(
 
 @router.post("/{hospital_id}/{decision}", response_model=UserPublic)
 def decide(
-    hospital_id: int,
+    hospital_id: HospitalId,
     decision: Literal["approve", "reject", "suspend"],
     portal: PortalDep,
     db: SessionDep,

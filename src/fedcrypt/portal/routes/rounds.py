@@ -14,14 +14,24 @@ from fedcrypt.portal.deps import (
     AdminUser,
     ClientIP,
     CurrentUser,
+    FederationId,
     HospitalUser,
     PortalDep,
+    RoundNumber,
     SessionDep,
+    UploadId,
 )
 from fedcrypt.portal.errors import ConflictError, NotFoundError, PortalError
 from fedcrypt.portal.models import ROUND_AGGREGATED, MetricReport, Upload
 from fedcrypt.portal.routes.federations import BINARY_BODY
-from fedcrypt.portal.schemas import MetricsCreate, MetricsPublic, RoundPublic, UploadPublic
+from fedcrypt.portal.schemas import (
+    MetricsCreate,
+    MetricsPublic,
+    RoundPublic,
+    UploadExclude,
+    UploadPublic,
+)
+from fedcrypt.portal.services import aggregation as agg
 from fedcrypt.portal.services import federations as feds
 from fedcrypt.portal.services import rounds as svc
 from fedcrypt.portal.streaming import parse_sha256, receive_body
@@ -31,10 +41,10 @@ router = APIRouter(prefix="/federations/{federation_id}/rounds", tags=["rounds"]
 
 @router.get("", response_model=list[RoundPublic])
 def list_rounds(
-    federation_id: int, portal: PortalDep, db: SessionDep, user: CurrentUser
+    federation_id: FederationId, portal: PortalDep, db: SessionDep, user: CurrentUser
 ) -> list[RoundPublic]:
     """Every round of the federation, oldest first."""
-    svc.maybe_aggregate(portal, federation_id)
+    agg.maybe_aggregate(portal, federation_id)
     fed = feds.get_federation(db, federation_id)
     db.expire_all()
     return [svc.round_public(db, fed, r, viewer=user) for r in fed.rounds]
@@ -42,13 +52,17 @@ def list_rounds(
 
 @router.get("/{number}", response_model=RoundPublic)
 def read_round(
-    federation_id: int, number: int, portal: PortalDep, db: SessionDep, user: CurrentUser
+    federation_id: FederationId,
+    number: RoundNumber,
+    portal: PortalDep,
+    db: SessionDep,
+    user: CurrentUser,
 ) -> RoundPublic:
     """One round's state (``open``, ``aggregating`` or ``aggregated``).
 
     Reading it also aggregates the round if its deadline has passed with the quorum met.
     """
-    svc.maybe_aggregate(portal, federation_id)
+    agg.maybe_aggregate(portal, federation_id)
     fed = feds.get_federation(db, federation_id)
     return svc.round_public(db, fed, feds.get_round(db, fed, number), viewer=user)
 
@@ -65,8 +79,8 @@ def read_round(
     },
 )
 async def upload_update(
-    federation_id: int,
-    number: int,
+    federation_id: FederationId,
+    number: RoundNumber,
     request: Request,
     background: BackgroundTasks,
     portal: PortalDep,
@@ -85,7 +99,11 @@ async def upload_update(
     try:
         claimed = parse_sha256(x_content_sha256)
         await run_in_threadpool(
-            svc.precheck_upload, portal, federation_id=federation_id, round_number=number
+            svc.precheck_upload,
+            portal,
+            federation_id=federation_id,
+            round_number=number,
+            user_id=user.id,
         )
         pending = await receive_body(request, portal.store, limit=portal.settings.max_upload_bytes)
     except PortalError as exc:
@@ -109,13 +127,17 @@ async def upload_update(
         client_ip=ip,
         elapsed_s=time.perf_counter() - t0,
     )
-    background.add_task(svc.maybe_aggregate, portal, federation_id)
+    background.add_task(agg.maybe_aggregate, portal, federation_id)
     return out
 
 
 @router.get("/{number}/update", response_class=FileResponse)
 def download_own_update(
-    federation_id: int, number: int, portal: PortalDep, db: SessionDep, user: HospitalUser
+    federation_id: FederationId,
+    number: RoundNumber,
+    portal: PortalDep,
+    db: SessionDep,
+    user: HospitalUser,
 ) -> FileResponse:
     """Download the update this hospital uploaded for the round."""
     fed = feds.get_federation(db, federation_id)
@@ -133,7 +155,7 @@ def download_own_update(
 
 @router.get("/{number}/uploads", response_model=list[UploadPublic])
 def list_uploads(
-    federation_id: int, number: int, db: SessionDep, _user: CurrentUser
+    federation_id: FederationId, number: RoundNumber, db: SessionDep, _user: CurrentUser
 ) -> list[UploadPublic]:
     """Upload metadata of the round (who, when, size, examples); never the contents."""
     fed = feds.get_federation(db, federation_id)
@@ -141,34 +163,72 @@ def list_uploads(
     return [svc.upload_public(u) for u in rnd.uploads]
 
 
+@router.post("/{number}/uploads/{upload_id}/exclude", response_model=UploadPublic)
+def exclude_upload(
+    federation_id: FederationId,
+    number: RoundNumber,
+    upload_id: UploadId,
+    body: UploadExclude,
+    portal: PortalDep,
+    db: SessionDep,
+    admin: AdminUser,
+    ip: ClientIP,
+) -> UploadPublic:
+    """Leave an update out of the round's aggregate (admin only), e.g. the one a failed
+    aggregation named. The round reopens and aggregates when it is due (or when forced);
+    the hospital cannot upload again in this round."""
+    fed = feds.get_federation(db, federation_id)
+    up = agg.exclude_upload(
+        portal,
+        db,
+        fed,
+        round_number=number,
+        upload_id=upload_id,
+        reason=body.reason,
+        actor=admin,
+        client_ip=ip,
+    )
+    out = svc.upload_public(up)
+    agg.maybe_aggregate(portal, federation_id)
+    return out
+
+
 @router.post("/{number}/aggregate", response_model=RoundPublic)
 def force_aggregate(
-    federation_id: int,
-    number: int,
+    federation_id: FederationId,
+    number: RoundNumber,
     portal: PortalDep,
     db: SessionDep,
     admin: AdminUser,
     ip: ClientIP,
 ) -> RoundPublic:
-    """Aggregate the open round now, before its deadline, if the quorum is met (admin only)."""
+    """Aggregate the open (or failed) round now if the quorum is met (admin only).
+
+    A failed aggregation answers 200 with the round ``failed``, its ``error`` and
+    ``failed_upload_id``: exclude that upload and aggregate again.
+    """
     fed = feds.get_federation(db, federation_id)
     rnd = feds.get_round(db, fed, number)
     if rnd.status == ROUND_AGGREGATED:
         raise ConflictError(f"round {number} is already aggregated")
-    svc.maybe_aggregate(portal, federation_id, force=True, actor=admin, client_ip=ip)
+    agg.maybe_aggregate(portal, federation_id, force=True, actor=admin, client_ip=ip)
     db.expire_all()
     return svc.round_public(db, fed, feds.get_round(db, fed, number), viewer=admin)
 
 
 @router.get("/{number}/aggregate", response_class=FileResponse)
 def download_aggregate(
-    federation_id: int, number: int, portal: PortalDep, db: SessionDep, _user: CurrentUser
+    federation_id: FederationId,
+    number: RoundNumber,
+    portal: PortalDep,
+    db: SessionDep,
+    _user: CurrentUser,
 ) -> Response:
     """Download the round's protected aggregate (HTTP 409 until it exists).
 
     Under ``ckks`` it is a ciphertext: only hospitals holding the key can decrypt it.
     """
-    svc.maybe_aggregate(portal, federation_id)
+    agg.maybe_aggregate(portal, federation_id)
     fed = feds.get_federation(db, federation_id)
     rnd = feds.get_round(db, fed, number)
     db.refresh(rnd)
@@ -184,8 +244,8 @@ def download_aggregate(
 
 @router.post("/{number}/metrics", response_model=MetricsPublic, status_code=201)
 def report_metrics(
-    federation_id: int,
-    number: int,
+    federation_id: FederationId,
+    number: RoundNumber,
     body: MetricsCreate,
     portal: PortalDep,
     db: SessionDep,
@@ -201,7 +261,7 @@ def report_metrics(
 
 @router.get("/{number}/metrics", response_model=list[MetricsPublic])
 def list_metrics(
-    federation_id: int, number: int, db: SessionDep, _user: CurrentUser
+    federation_id: FederationId, number: RoundNumber, db: SessionDep, _user: CurrentUser
 ) -> list[MetricsPublic]:
     """Every hospital's metrics for the round."""
     fed = feds.get_federation(db, federation_id)

@@ -128,18 +128,25 @@ def register_hospital(portal: Portal, db: Session, data: HospitalCreate, *, clie
 def authenticate(portal: Portal, db: Session, *, email: str, password: str, client_ip: str) -> User:
     """Check e-mail and password, with rate limiting; return the active account.
 
+    Failures are counted per account *and* client address (``login_max_failures``) and
+    per client address over all accounts (``login_max_failures_per_ip``). A flood of
+    wrong passwords from one address therefore blocks that address only: the account
+    (the admin's too) stays usable from everywhere else.
+
     Raises
     ------
     fedcrypt.portal.errors.RateLimitedError
-        After too many failures from this address or for this e-mail.
+        After too many failures for this account from this address, or from this
+        address.
     fedcrypt.portal.errors.NotAuthenticatedError
         If the e-mail or password is wrong (one message for both).
     fedcrypt.portal.errors.ForbiddenError
         If the account is pending, rejected or suspended.
     """
     email = email.strip().lower()
-    keys = (f"ip:{client_ip}", f"email:{email}")
-    wait = portal.limiter.retry_after(*keys)
+    account_key = f"account:{email}|ip:{client_ip}"
+    ip_key = f"ip:{client_ip}"
+    wait = max(portal.limiter.retry_after(account_key), portal.ip_limiter.retry_after(ip_key))
     if wait > 0:
         raise RateLimitedError(
             f"too many failed sign-in attempts; try again in {int(wait) + 1} s", wait
@@ -148,7 +155,8 @@ def authenticate(portal: Portal, db: Session, *, email: str, password: str, clie
     ok = verify_password(user.password_hash if user else None, password)
     now = portal.clock()
     if user is None or not ok:
-        portal.limiter.failure(*keys)
+        portal.limiter.failure(account_key)
+        portal.ip_limiter.failure(ip_key)
         record(
             db,
             at=now,
@@ -159,7 +167,7 @@ def authenticate(portal: Portal, db: Session, *, email: str, password: str, clie
         )
         db.commit()
         raise NotAuthenticatedError("wrong e-mail address or password")
-    portal.limiter.reset(f"email:{email}")
+    portal.limiter.reset(account_key)
     if user.status != STATUS_APPROVED:
         raise ForbiddenError(_STATUS_MESSAGES.get(user.status, "this account is not active"))
     if needs_rehash(user.password_hash):
@@ -261,8 +269,8 @@ def _session_row(db: Session, value: str) -> WebSession | None:
     return row
 
 
-def user_for_session(portal: Portal, db: Session, value: str | None) -> User | None:
-    """The active account behind a session cookie, or ``None``."""
+def active_session(portal: Portal, db: Session, value: str | None) -> WebSession | None:
+    """The unexpired session of an active account behind a cookie, or ``None``."""
     if not value:
         return None
     row = _session_row(db, value)
@@ -270,7 +278,13 @@ def user_for_session(portal: Portal, db: Session, value: str | None) -> User | N
         return None
     if row.user.status != STATUS_APPROVED:
         return None
-    return row.user
+    return row
+
+
+def user_for_session(portal: Portal, db: Session, value: str | None) -> User | None:
+    """The active account behind a session cookie, or ``None``."""
+    row = active_session(portal, db, value)
+    return row.user if row is not None else None
 
 
 def end_web_session(db: Session, value: str | None) -> None:
@@ -352,7 +366,8 @@ def list_hospitals(db: Session, *, status: str | None = None) -> list[User]:
 
 
 def set_password(portal: Portal, *, email: str, password: str) -> User:
-    """Replace an account's password from the server console and end its sessions.
+    """Replace an account's password from the server console, ending its sessions and
+    revoking its API tokens (whoever knew the old password may have made one).
 
     Raises
     ------
@@ -367,15 +382,22 @@ def set_password(portal: Portal, *, email: str, password: str) -> User:
         user = db.scalar(select(User).where(User.email == email.strip().lower()))
         if user is None:
             raise NotFoundError(f"no account with e-mail {email!r}")
+        now = portal.clock()
         user.password_hash = hash_password(password)
         db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        revoked = db.execute(
+            update(ApiToken)
+            .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        ).rowcount  # type: ignore[attr-defined]
         record(
             db,
-            at=portal.clock(),
+            at=now,
             actor=None,
             actor_label="server console",
             action="password.reset",
             target=user.email,
+            detail=f"sessions ended, {revoked} API token(s) revoked",
         )
         db.commit()
         return user

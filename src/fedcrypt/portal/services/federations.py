@@ -1,39 +1,69 @@
-"""Federations: creation, the public key context, the initial model, round bookkeeping."""
+"""Federations: creation, settings, the public key context, the initial model, rounds."""
 
 from __future__ import annotations
 
+import shlex
 import warnings
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from fedcrypt.exceptions import FedcryptError
 from fedcrypt.portal.context import Portal
 from fedcrypt.portal.errors import ConflictError, InvalidContentError, NotFoundError
 from fedcrypt.portal.models import (
+    FED_CANCELLED,
     FED_DRAFT,
     FED_FINISHED,
     FED_RUNNING,
     ROUND_AGGREGATED,
+    ROUND_AGGREGATING,
+    ROUND_CANCELLED,
+    ROUND_FAILED,
     ROUND_OPEN,
     Federation,
     Round,
     Upload,
     User,
 )
-from fedcrypt.portal.schemas import FederationCreate, FederationPublic, FederationUpdate
+from fedcrypt.portal.schemas import (
+    FederationCreate,
+    FederationPublic,
+    FederationUpdate,
+)
 from fedcrypt.portal.services.audit import record
+from fedcrypt.portal.services.blobs import delete_if_unreferenced
 from fedcrypt.portal.storage import PendingBlob
 from fedcrypt.protection.base import Scheme, ServerAggregator
 from fedcrypt.protection.registry import get_scheme
 
+#: Settings that change at any time.
+ALWAYS_EDITABLE = frozenset(
+    {"dataset_description", "quorum", "round_deadline_minutes", "num_rounds"}
+)
+#: How hospitals train: correctable until round 1 has an upload.
+TRAINING_SETTINGS = frozenset({"local_epochs", "lr", "batch_size", "local_overrides"})
+#: What defines the shared model: correctable until round 1 has an upload; on a running
+#: federation a change returns it to draft (the initial model no longer fits).
+MODEL_SETTINGS = frozenset(
+    {"model", "task", "dataset", "image_size", "protection", "he_preset", "model_size"}
+)
+#: Settings whose change invalidates the stored public key context.
+KEY_SETTINGS = frozenset({"protection", "he_preset"})
+
+
+def scheme_named(name: str) -> Scheme:
+    """The protection mode stored as ``name`` (rows written before the rename say ``ckks``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_scheme(name)
+
 
 def scheme_of(fed: Federation) -> Scheme:
     """The protection mode of ``fed`` (rows written before the rename say ``ckks``: ``he``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return get_scheme(fed.protection)
+    return scheme_named(fed.protection)
 
 
 def get_federation(db: Session, federation_id: int) -> Federation:
@@ -101,12 +131,43 @@ def is_member(db: Session, fed: Federation, user: User) -> bool:
     return db.scalar(q) is not None
 
 
-def to_public(db: Session, fed: Federation) -> FederationPublic:
-    """The API view of a federation, with its current round number."""
+def to_public(db: Session, fed: Federation, *, base_url: str | None = None) -> FederationPublic:
+    """The API view of a federation, with its current round and the join command."""
     out = FederationPublic.model_validate(fed)
     rnd = latest_round(db, fed)
     out.current_round = rnd.number if rnd is not None else None
+    out.join_command = join_command(fed, base_url=base_url)
     return out
+
+
+def join_command(fed: Federation, *, base_url: str | None = None) -> str:
+    """The exact command a hospital runs to take part (its token comes from the environment).
+
+    The training settings come from the federation itself; the command names only what
+    is the hospital's own: the portal, its key file (``he``), where its data is, and
+    the folder for its records.
+    """
+    parts = ["fedcrypt", "portal", "participate", shlex.quote(fed.name)]
+    if base_url:
+        parts += ["--url", shlex.quote(base_url)]
+    parts += ["--rounds", str(fed.num_rounds)]
+    if scheme_of(fed).key_pair:
+        parts += ["--key", "hospital.key"]
+    if fed.task is None and fed.dataset not in (None, "wdbc"):
+        parts += ["--data-dir", "DATA_DIR"]
+    parts += ["--out", "hospital-out"]
+    return " ".join(parts)
+
+
+def settings_summary(fed: Federation) -> str:
+    """The federation's training settings in one line (audit log, CLI)."""
+    what = f"task={fed.task}" if fed.task else f"dataset={fed.dataset or '-'}"
+    local = fed.local_overrides or "none"
+    return (
+        f"model={fed.model} {what} epochs={fed.local_epochs} lr={fed.lr or 'default'} "
+        f"batch={fed.batch_size} image={fed.image_size or '-'} protection={fed.protection} "
+        f"preset={fed.he_preset or '-'} local-overrides={local}"
+    )
 
 
 def create_federation(
@@ -125,6 +186,13 @@ def create_federation(
     fed = Federation(
         name=data.name,
         model=data.model,
+        task=data.task,
+        dataset=data.dataset,
+        local_epochs=data.local_epochs,
+        lr=data.lr,
+        batch_size=data.batch_size,
+        image_size=data.image_size,
+        local_overrides=",".join(data.local_overrides),
         dataset_description=data.dataset_description,
         protection=data.protection,
         he_preset=data.he_preset,
@@ -144,14 +212,23 @@ def create_federation(
         action="federation.create",
         target=fed.name,
         detail=(
-            f"model={fed.model} protection={fed.protection} preset={fed.he_preset} "
-            f"quorum={fed.quorum} rounds={fed.num_rounds} "
+            f"{settings_summary(fed)} quorum={fed.quorum} rounds={fed.num_rounds} "
             f"deadline={fed.round_deadline_minutes:g} min"
         ),
         client_ip=client_ip,
     )
     db.commit()
     return fed
+
+
+def round_one_started(db: Session, fed: Federation) -> bool:
+    """Whether any hospital has uploaded to the federation (round 1 has begun)."""
+    q = (
+        select(Upload.id)
+        .join(Round, Round.id == Upload.round_id)
+        .where(Round.federation_id == fed.id)
+    )
+    return db.scalar(q.limit(1)) is not None
 
 
 def update_federation(
@@ -163,19 +240,67 @@ def update_federation(
     actor: User,
     client_ip: str,
 ) -> Federation:
-    """Change a federation's description, quorum, deadline or number of rounds.
+    """Correct a federation's settings (see :class:`~fedcrypt.portal.schemas.FederationUpdate`).
+
+    The description, quorum, deadline and number of rounds change at any time. The
+    training and model settings change only until round 1 has an upload; a change of
+    the model settings of a running federation returns it to ``draft``: round 1 is
+    removed, the initial model must be published again, and the server key too if the
+    protection or preset changed.
 
     Raises
     ------
     fedcrypt.portal.errors.ConflictError
-        If the federation has finished, or ``num_rounds`` is below the current round.
+        If the federation has finished or was cancelled, a setting can no longer change,
+        ``num_rounds`` is below the current round, or the result is inconsistent.
     """
-    if fed.status == FED_FINISHED:
-        raise ConflictError("the federation has finished")
-    changes = data.model_dump(exclude_none=True)
+    if fed.status in (FED_FINISHED, FED_CANCELLED):
+        raise ConflictError(f"the federation is {fed.status}; its settings are final")
+    changes: dict[str, Any] = {
+        k: v for k, v in data.model_dump(exclude_unset=True).items() if getattr(fed, k) != v
+    }
+    if "local_overrides" in changes:
+        changes["local_overrides"] = ",".join(changes["local_overrides"] or [])
+        if changes["local_overrides"] == fed.local_overrides:
+            del changes["local_overrides"]
+    if changes.get("protection") is not None and (
+        scheme_named(changes["protection"]).name == scheme_of(fed).name
+    ):
+        del changes["protection"]  # "he" for a row that says "ckks": the same mode
+    for key in (
+        "quorum",
+        "round_deadline_minutes",
+        "num_rounds",
+        "model",
+        "local_epochs",
+        "batch_size",
+        "protection",
+        "dataset_description",
+    ):
+        if key in changes and changes[key] is None:
+            raise ConflictError(f"{key} cannot be cleared")
+    fixed = set(changes) - ALWAYS_EDITABLE
+    if fixed and round_one_started(db, fed):
+        raise ConflictError(
+            f"{', '.join(sorted(fixed))} cannot change once round 1 has an upload; cancel "
+            "the federation and create a new one"
+        )
     rnd = latest_round(db, fed)
     if "num_rounds" in changes and rnd is not None and changes["num_rounds"] < rnd.number:
         raise ConflictError(f"num_rounds cannot be below the current round ({rnd.number})")
+    merged = {k: getattr(fed, k) for k in ("task", "dataset", "protection", "he_preset")}
+    merged.update({k: v for k, v in changes.items() if k in merged})
+    if merged["task"] is not None and merged["dataset"] is not None:
+        raise ConflictError("give a task (which brings its own data) or a dataset, not both")
+    if not scheme_named(str(merged["protection"])).key_pair and merged["he_preset"]:
+        raise ConflictError("an HE preset applies to protection 'he' only")
+    old_blobs = (fed.initial_model_sha256, fed.server_key_sha256)
+    reverted = ""
+    if fed.status == FED_RUNNING and set(changes) & MODEL_SETTINGS:
+        reverted = _back_to_draft(portal, db, fed, drop_key=bool(set(changes) & KEY_SETTINGS))
+    elif fed.status == FED_DRAFT and set(changes) & KEY_SETTINGS and fed.server_key_sha256:
+        _drop_server_key(portal, fed)
+        reverted = "; the server key was removed (upload it again)"
     for key, value in changes.items():
         setattr(fed, key, value)
     record(
@@ -184,10 +309,71 @@ def update_federation(
         actor=actor,
         action="federation.update",
         target=fed.name,
-        detail=", ".join(f"{k}={v}" for k, v in changes.items()),
+        detail=", ".join(f"{k}={v}" for k, v in changes.items()) + reverted,
         client_ip=client_ip,
     )
     db.commit()
+    delete_if_unreferenced(portal, *old_blobs)
+    return fed
+
+
+def _drop_server_key(portal: Portal, fed: Federation) -> None:
+    if fed.server_key_sha256 is not None:
+        portal.aggregators.pop(fed.server_key_sha256, None)
+    fed.server_key_sha256 = None
+    fed.server_key_size = None
+    fed.key_fingerprint = None
+
+
+def _back_to_draft(portal: Portal, db: Session, fed: Federation, *, drop_key: bool) -> str:
+    """Undo publishing (round 1 has no upload): the federation is a draft again."""
+    db.execute(delete(Round).where(Round.federation_id == fed.id))
+    fed.status = FED_DRAFT
+    fed.initial_model_sha256 = None
+    fed.initial_model_size = None
+    if drop_key:
+        _drop_server_key(portal, fed)
+    return "; back to draft: publish the initial model again" + (
+        " and the server key" if drop_key else ""
+    )
+
+
+def cancel_federation(
+    portal: Portal, db: Session, fed: Federation, *, reason: str, actor: User, client_ip: str
+) -> Federation:
+    """Cancel a federation: its open round closes, uploads are refused, its data stays.
+
+    Raises
+    ------
+    fedcrypt.portal.errors.ConflictError
+        If the federation has finished or is already cancelled.
+    """
+    with portal.aggregation_lock:
+        db.refresh(fed)
+        if fed.status in (FED_FINISHED, FED_CANCELLED):
+            raise ConflictError(f"the federation is already {fed.status}")
+        now = portal.clock()
+        db.execute(
+            update(Round)
+            .where(
+                Round.federation_id == fed.id,
+                Round.status.in_((ROUND_OPEN, ROUND_FAILED, ROUND_AGGREGATING)),
+            )
+            .values(status=ROUND_CANCELLED)
+        )
+        fed.status = FED_CANCELLED
+        fed.cancelled_at = now
+        fed.cancel_reason = reason.strip() or None
+        record(
+            db,
+            at=now,
+            actor=actor,
+            action="federation.cancel",
+            target=fed.name,
+            detail=reason.strip(),
+            client_ip=client_ip,
+        )
+        db.commit()
     return fed
 
 
@@ -201,7 +387,7 @@ def load_aggregator(portal: Portal, fed: Federation) -> ServerAggregator:
     fedcrypt.portal.errors.InvalidContentError
         If the stored key cannot be loaded.
     """
-    if not scheme_of(fed).key_files:
+    if not scheme_of(fed).key_pair:
         return scheme_of(fed).server_aggregator()
     if fed.server_key_sha256 is None:
         raise ConflictError("this he federation has no public key context (server.key) yet")
@@ -251,7 +437,7 @@ def set_server_key(
     fedcrypt.portal.errors.InvalidContentError
         If the file is not a public server key (or is a secret hospital key).
     """
-    if not scheme_of(fed).key_files:
+    if not scheme_of(fed).key_pair:
         raise ConflictError(f"a {scheme_of(fed).name} federation takes no server key")
     if fed.status != FED_DRAFT:
         raise ConflictError("the key context cannot change once the federation is running")
@@ -324,7 +510,7 @@ def publish_initial_model(
     if fed.status != FED_DRAFT:
         pending.discard()
         raise ConflictError("the initial model is already published")
-    if scheme_of(fed).key_files and fed.server_key_sha256 is None:
+    if scheme_of(fed).key_pair and fed.server_key_sha256 is None:
         pending.discard()
         raise ConflictError("upload the federation's public server.key before the initial model")
     if pending.size == 0:
@@ -352,13 +538,16 @@ def publish_initial_model(
 
 
 def round_counts(db: Session, fed: Federation, rnd: Round) -> tuple[int, int]:
-    """``(uploads in this round, hospitals expected)`` for the aggregation rule.
+    """``(updates in this round, hospitals expected)`` for the aggregation rule.
 
-    Expected is the number of federation members (hospitals that ever uploaded), at
-    least the quorum.
+    Excluded updates do not count. Expected is the number of federation members
+    (hospitals that ever uploaded) less those excluded from this round (they cannot
+    upload again in it), at least the quorum.
     """
-    n = db.scalar(select(func.count(Upload.id)).where(Upload.round_id == rnd.id)) or 0
-    expected = max(len(members(db, fed)), fed.quorum)
+    rows = list(db.execute(select(Upload.excluded_at).where(Upload.round_id == rnd.id)).scalars())
+    n = sum(1 for x in rows if x is None)
+    excluded = len(rows) - n
+    expected = max(len(members(db, fed)) - excluded, fed.quorum)
     return n, expected
 
 
@@ -368,5 +557,5 @@ def is_finished(fed: Federation, rnd: Round | None) -> bool:
 
 
 def running_federation_ids(db: Session) -> list[int]:
-    """Ids of federations with an open round."""
+    """Ids of running federations (those that can have an open round)."""
     return list(db.scalars(select(Federation.id).where(Federation.status == FED_RUNNING)))

@@ -1,11 +1,11 @@
-"""Rounds: accept protected updates, aggregate them without decrypting, collect metrics."""
+"""Rounds: views, accepting protected updates (checked on arrival), collecting metrics."""
 
 from __future__ import annotations
 
 import logging
-import time
+from datetime import datetime
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,11 +19,11 @@ from fedcrypt.portal.errors import (
     PortalError,
 )
 from fedcrypt.portal.models import (
+    FED_CANCELLED,
     FED_DRAFT,
     FED_FINISHED,
-    FED_RUNNING,
+    ROUND_ACCEPTING,
     ROUND_AGGREGATED,
-    ROUND_AGGREGATING,
     ROUND_OPEN,
     Federation,
     MetricReport,
@@ -34,12 +34,18 @@ from fedcrypt.portal.models import (
 from fedcrypt.portal.schemas import MetricsCreate, MetricsPublic, RoundPublic, UploadPublic
 from fedcrypt.portal.services import federations as feds
 from fedcrypt.portal.services.audit import record
+from fedcrypt.portal.services.blobs import blob_referenced, delete_if_unreferenced
 from fedcrypt.portal.storage import PendingBlob
-from fedcrypt.portal.validation import check_against_federation, inspect_file
+from fedcrypt.portal.validation import (
+    Grid,
+    RoundPeer,
+    UpdateInfo,
+    check_against_federation,
+    check_round_grid,
+    inspect_file,
+)
 
 log = logging.getLogger(__name__)
-
-SERVER_ACTOR = "portal"
 
 
 # --- views ----------------------------------------------------------------------------
@@ -57,6 +63,8 @@ def upload_public(up: Upload) -> UploadPublic:
         num_examples=up.num_examples,
         version=up.version,
         uploaded_at=up.uploaded_at,
+        excluded=up.excluded,
+        excluded_reason=up.excluded_reason,
     )
 
 
@@ -92,6 +100,9 @@ def round_public(db: Session, fed: Federation, rnd: Round, *, viewer: User | Non
         aggregate_size=rnd.aggregate_size,
         aggregation_seconds=rnd.aggregation_seconds,
         error=rnd.error,
+        failed_at=rnd.failed_at,
+        failed_upload_id=rnd.failed_upload_id,
+        num_excluded=sum(1 for u in rnd.uploads if u.excluded),
         uploaded_by_me=mine,
     )
 
@@ -99,16 +110,22 @@ def round_public(db: Session, fed: Federation, rnd: Round, *, viewer: User | Non
 # --- uploads --------------------------------------------------------------------------
 
 
-def round_open_for_upload(db: Session, fed: Federation, number: int) -> Round:
-    """Return round ``number`` if it accepts uploads.
+def round_open_for_upload(
+    db: Session, fed: Federation, number: int, *, user_id: int | None = None
+) -> Round:
+    """Return round ``number`` if it accepts uploads (from ``user_id``, if given).
 
     Raises
     ------
     fedcrypt.portal.errors.ConflictError
-        If the federation is not running, or the round is closed or in the future.
+        If the federation is not running, the round is closed or in the future, or the
+        admin excluded this hospital's update from the round.
     """
     if fed.status == FED_DRAFT:
         raise ConflictError("the federation has not started: its initial model is not published")
+    if fed.status == FED_CANCELLED:
+        why = f": {fed.cancel_reason}" if fed.cancel_reason else ""
+        raise ConflictError(f"the federation was cancelled by the admin{why}")
     current = feds.latest_round(db, fed)
     if fed.status == FED_FINISHED or current is None:
         raise ConflictError(f"round {number} is closed: the federation has finished")
@@ -118,37 +135,52 @@ def round_open_for_upload(db: Session, fed: Federation, number: int) -> Round:
         )
     if number < current.number or current.status == ROUND_AGGREGATED:
         raise ConflictError(f"round {number} is closed (already aggregated)")
-    if current.status != ROUND_OPEN:
+    if current.status not in ROUND_ACCEPTING:
         raise ConflictError(f"round {number} is closed: it is being aggregated")
+    if user_id is not None:
+        mine = db.scalar(
+            select(Upload).where(Upload.round_id == current.id, Upload.user_id == user_id)
+        )
+        if mine is not None and mine.excluded:
+            raise ConflictError(
+                f"the admin excluded this hospital's update from round {number} "
+                f"({mine.excluded_reason}); it takes part again from round {number + 1}"
+            )
     return current
 
 
-def precheck_upload(portal: Portal, *, federation_id: int, round_number: int) -> None:
+def precheck_upload(
+    portal: Portal, *, federation_id: int, round_number: int, user_id: int | None = None
+) -> None:
     """Refuse an upload for a missing federation or a closed/future round before reading it."""
     with portal.session() as db:
         fed = feds.get_federation(db, federation_id)
-        round_open_for_upload(db, fed, round_number)
+        round_open_for_upload(db, fed, round_number, user_id=user_id)
 
 
-def _blob_referenced(db: Session, sha: str) -> bool:
-    return bool(
-        db.scalar(
-            select(
-                or_(
-                    exists().where(Upload.sha256 == sha),
-                    exists().where(Round.aggregate_sha256 == sha),
-                    exists().where(Federation.initial_model_sha256 == sha),
-                    exists().where(Federation.server_key_sha256 == sha),
-                )
-            )
+def _grid_of(up: Upload) -> Grid | None:
+    if up.mode is None or up.table_sha256 is None or up.max_examples is None:
+        return None
+    return Grid(mode=up.mode, table_sha256=up.table_sha256, max_examples=up.max_examples)
+
+
+def round_peers(db: Session, round_id: int, *, other_than: int) -> list[RoundPeer]:
+    """The round's accepted, not excluded updates of hospitals other than ``other_than``."""
+    rows = db.scalars(
+        select(Upload)
+        .where(
+            Upload.round_id == round_id,
+            Upload.user_id != other_than,
+            Upload.excluded_at.is_(None),
         )
+        .order_by(Upload.id)
     )
-
-
-def _delete_if_unreferenced(portal: Portal, sha: str) -> None:
-    with portal.blob_lock, portal.session() as db:
-        if not _blob_referenced(db, sha):
-            portal.store.delete(sha)
+    return [
+        RoundPeer(
+            upload_id=u.id, hospital=u.user.name, num_examples=u.num_examples, grid=_grid_of(u)
+        )
+        for u in rows
+    ]
 
 
 def record_rejection(
@@ -182,17 +214,19 @@ def accept_upload(
     """Validate a streamed update and make it the hospital's update for the round.
 
     The order guarantees that nothing is half written: the body is already on disk in
-    ``tmp/`` (fsynced); it is checked (checksum, framing, scheme, key context, model
-    size, and for ``ckks`` a trial deserialization), renamed into the blob store, and
-    only then referenced from the database in one transaction. A re-upload replaces the
-    earlier row in that same transaction; the earlier blob is deleted afterwards.
+    ``tmp/`` (fsynced); it is checked on arrival (checksum, framing, every count within
+    its bound, scheme, key context, model size, for packed updates the round's mode,
+    step table and example capacity, and for ``he`` a trial deserialization), renamed
+    into the blob store, and only then referenced from the database in one transaction.
+    A re-upload replaces the earlier row in that same transaction; the earlier blob is
+    deleted afterwards. If the transaction fails, the new blob is deleted (no orphan).
 
     Raises
     ------
     fedcrypt.portal.errors.PortalError
         ``BadRequestError`` for a checksum mismatch, ``InvalidContentError`` for a
-        malformed file or one from another key context or model shape,
-        ``ConflictError`` for a closed or future round.
+        malformed file, a count out of bounds, or one from another key context, model
+        shape or quantization grid, ``ConflictError`` for a closed or future round.
     """
     target = f"federation {federation_id} round {round_number}"
     try:
@@ -217,6 +251,52 @@ def accept_upload(
         raise
 
 
+def _inspect(pending: PendingBlob, claimed_sha256: str) -> UpdateInfo:
+    digest = pending.finish()
+    if digest != claimed_sha256:
+        raise BadRequestError(
+            f"checksum mismatch: the received body has SHA-256 {digest}, but "
+            f"X-Content-SHA256 says {claimed_sha256}; nothing was stored"
+        )
+    if pending.size == 0:
+        raise InvalidContentError("malformed protected message: the body is empty")
+    try:
+        return inspect_file(pending.path)
+    except ProtocolError as exc:
+        raise InvalidContentError(str(exc)) from exc
+
+
+def _packed(fed: Federation) -> bool | None:
+    """Whether the federation's HE preset packs quantized values (None: not known)."""
+    if not feds.scheme_of(fed).key_pair or not fed.he_preset:
+        return None
+    from fedcrypt.protection.he.params import get_preset
+
+    try:
+        return get_preset(fed.he_preset).is_packed
+    except ValueError:  # a preset this version does not know: leave it to the aggregator
+        return None
+
+
+def _check_fits(db: Session, fed: Federation, rnd: Round, info: UpdateInfo, user_id: int) -> None:
+    """The arrival checks that need the database: federation, then the round's grid."""
+    try:
+        check_against_federation(
+            info,
+            scheme=feds.scheme_of(fed),
+            model_size=fed.model_size,
+            key_fingerprint=fed.key_fingerprint,
+        )
+        check_round_grid(
+            info,
+            round_number=rnd.number,
+            peers=round_peers(db, rnd.id, other_than=user_id),
+            packed=_packed(fed),
+        )
+    except ProtocolError as exc:
+        raise InvalidContentError(str(exc)) from exc
+
+
 def _accept(
     portal: Portal,
     *,
@@ -228,259 +308,125 @@ def _accept(
     client_ip: str,
     elapsed_s: float | None,
 ) -> UploadPublic:
-    digest = pending.finish()
-    if digest != claimed_sha256:
-        raise BadRequestError(
-            f"checksum mismatch: the received body has SHA-256 {digest}, but "
-            f"X-Content-SHA256 says {claimed_sha256}; nothing was stored"
-        )
-    if pending.size == 0:
-        raise InvalidContentError("malformed protected message: the body is empty")
-    try:
-        info = inspect_file(pending.path)
-    except ProtocolError as exc:
-        raise InvalidContentError(str(exc)) from exc
+    info = _inspect(pending, claimed_sha256)
     with portal.session() as db:
         fed = feds.get_federation(db, federation_id)
-        rnd = round_open_for_upload(db, fed, round_number)
-        round_id = rnd.id
-        try:
-            check_against_federation(
-                info,
-                protection=feds.scheme_of(fed).name,
-                model_size=fed.model_size,
-                key_fingerprint=fed.key_fingerprint,
-            )
-        except ProtocolError as exc:
-            raise InvalidContentError(str(exc)) from exc
+        rnd = round_open_for_upload(db, fed, round_number, user_id=user_id)
+        _check_fits(db, fed, rnd, info, user_id)
         aggregator = (
             feds.load_aggregator(portal, fed)
-            if feds.scheme_of(fed).key_files and portal.settings.validate_ciphertexts
+            if feds.scheme_of(fed).key_pair and portal.settings.validate_ciphertexts
             else None
         )
     if aggregator is not None:
-        try:
-            aggregator.aggregate([pending.path.read_bytes()])
-        except FedcryptError as exc:
-            raise InvalidContentError(f"the update does not fit the federation: {exc}") from exc
+        with portal.validation_slots:  # each trial holds the whole file in memory
+            try:
+                aggregator.aggregate([pending.path.read_bytes()])
+            except FedcryptError as exc:
+                raise InvalidContentError(f"the update does not fit the federation: {exc}") from exc
     now = portal.clock()
     old_sha: str | None = None
-    with portal.blob_lock:
+    with portal.blob_lock, portal.session() as db:
+        # checked again under the lock: another update may have fixed the round's grid
+        fed = feds.get_federation(db, federation_id)
+        rnd = round_open_for_upload(db, fed, round_number, user_id=user_id)
+        _check_fits(db, fed, rnd, info, user_id)
         sha = portal.store.commit(pending)
-        with portal.session() as db:
-            claimed = db.execute(
-                update(Round)
-                .where(Round.id == round_id, Round.status == ROUND_OPEN)
-                .values(upload_seq=Round.upload_seq + 1, error=None)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                db.rollback()
-                raise ConflictError(f"round {round_number} closed while the update was uploading")
-            fed = feds.get_federation(db, federation_id)
-            if fed.model_size is None:
-                fed.model_size = info.size
-            elif info.size is not None and info.size != fed.model_size:
-                db.rollback()
-                raise InvalidContentError(
-                    f"wrong model size: the update has {info.size} values, this federation's "
-                    f"model has {fed.model_size}"
-                )
-            user = db.get(User, user_id)
-            assert user is not None
-            existing = db.scalar(
-                select(Upload).where(Upload.round_id == round_id, Upload.user_id == user_id)
-            )
-            if existing is not None:
-                old_sha = existing.sha256
-                existing.sha256 = sha
-                existing.size = pending.size
-                existing.num_examples = info.num_examples
-                existing.version += 1
-                existing.uploaded_at = now
-                existing.upload_seconds = elapsed_s
-                row = existing
-                action = "update.replace"
-            else:
-                row = Upload(
-                    round_id=round_id,
-                    user_id=user_id,
-                    sha256=sha,
-                    size=pending.size,
-                    num_examples=info.num_examples,
-                    version=1,
-                    uploaded_at=now,
-                    upload_seconds=elapsed_s,
-                )
-                db.add(row)
-                action = "update.upload"
-            record(
+        try:
+            out, old_sha = _store_row(
                 db,
-                at=now,
-                actor=user,
-                action=action,
-                target=f"{fed.name} round {round_number}",
-                detail=(f"{pending.size} bytes, {info.num_examples} examples, sha256 {sha[:16]}…"),
+                fed,
+                rnd,
+                info,
+                user_id=user_id,
+                sha=sha,
+                size=pending.size,
+                now=now,
                 client_ip=client_ip,
+                elapsed_s=elapsed_s,
             )
-            try:
-                db.commit()
-            except IntegrityError as exc:  # a concurrent first upload by the same hospital
-                db.rollback()
-                raise ConflictError("another upload from this hospital is in progress") from exc
-            out = upload_public(row)
+        except BaseException:
+            db.rollback()
+            if not blob_referenced(db, sha):
+                portal.store.delete(sha)
+            raise
     if old_sha is not None and old_sha != sha:
-        _delete_if_unreferenced(portal, old_sha)
+        delete_if_unreferenced(portal, old_sha)
     return out
 
 
-# --- aggregation ----------------------------------------------------------------------
-
-
-def maybe_aggregate(
-    portal: Portal,
-    federation_id: int,
+def _store_row(
+    db: Session,
+    fed: Federation,
+    rnd: Round,
+    info: UpdateInfo,
     *,
-    force: bool = False,
-    actor: User | None = None,
-    client_ip: str = "",
-) -> bool:
-    """Aggregate the federation's open round if it is due; return whether it was.
-
-    A round is due when at least ``quorum`` hospitals uploaded and either every member
-    of the federation (every hospital that ever uploaded to it) has uploaded, the
-    deadline has passed, or the admin forces it. The round is claimed with a
-    conditional ``UPDATE`` (``open`` -> ``aggregating``), so concurrent triggers and
-    uploads cannot interleave. The server only adds protected updates
-    (:class:`~fedcrypt.protection.base.ServerAggregator`); it never decrypts.
-
-    Raises
-    ------
-    fedcrypt.portal.errors.ConflictError
-        Only when ``force`` is set and the quorum is not met.
-    """
-    with portal.aggregation_lock:
-        with portal.session() as db:
-            fed = feds.get_federation(db, federation_id)
-            rnd = feds.latest_round(db, fed)
-            if fed.status != FED_RUNNING or rnd is None or rnd.status != ROUND_OPEN:
-                if force:
-                    raise ConflictError("the federation has no open round")
-                return False
-            n, expected = feds.round_counts(db, fed, rnd)
-            now = portal.clock()
-            if n < fed.quorum:
-                if force:
-                    raise ConflictError(
-                        f"the quorum is not met: {n} of {fed.quorum} required updates"
-                    )
-                return False
-            due = force or n >= expected or now >= rnd.deadline_at
-            if not due or (rnd.error is not None and not force):
-                return False
-            claimed = db.execute(
-                update(Round)
-                .where(Round.id == rnd.id, Round.status == ROUND_OPEN)
-                .values(status=ROUND_AGGREGATING)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                db.rollback()
-                return False
-            db.commit()
-            round_id, number = rnd.id, rnd.number
-            uploads = list(
-                db.scalars(select(Upload).where(Upload.round_id == round_id).order_by(Upload.id))
-            )
-            shas = [u.sha256 for u in uploads]
-            total_examples = sum(u.num_examples for u in uploads)
-            try:
-                aggregator = feds.load_aggregator(portal, fed)
-            except PortalError as exc:
-                _fail_round(portal, round_id, f"cannot load the aggregator: {exc.message}")
-                return False
-        t0 = time.perf_counter()
-        try:
-            blob = aggregator.aggregate([portal.store.read_bytes(s) for s in shas])
-        except (FedcryptError, OSError, ValueError) as exc:
-            log.warning("aggregation of round %s failed: %s", number, exc)
-            _fail_round(portal, round_id, f"aggregation failed: {exc}")
-            return False
-        seconds = time.perf_counter() - t0
-        sha = portal.store.put_bytes(blob)
-        with portal.session() as db:
-            fed = feds.get_federation(db, federation_id)
-            rnd_row = db.get(Round, round_id)
-            assert rnd_row is not None
-            now = portal.clock()
-            rnd_row.status = ROUND_AGGREGATED
-            rnd_row.aggregated_at = now
-            rnd_row.aggregate_sha256 = sha
-            rnd_row.aggregate_size = len(blob)
-            rnd_row.num_updates = len(shas)
-            rnd_row.total_examples = total_examples
-            rnd_row.aggregation_seconds = seconds
-            rnd_row.error = None
-            if number >= fed.num_rounds:
-                fed.status = FED_FINISHED
-                nxt = "federation finished"
-            else:
-                db.add(feds.open_round(fed, number + 1, now))
-                nxt = f"round {number + 1} opened"
-            record(
-                db,
-                at=now,
-                actor=actor,
-                actor_label=SERVER_ACTOR,
-                action="round.aggregate",
-                target=f"{fed.name} round {number}",
-                detail=(
-                    f"{len(shas)} updates, {total_examples} examples, {len(blob)} bytes, "
-                    f"{seconds:.2f} s{' (forced)' if force else ''}; {nxt}"
-                ),
-                client_ip=client_ip,
-            )
-            db.commit()
-        return True
-
-
-def _fail_round(portal: Portal, round_id: int, message: str) -> None:
-    with portal.session() as db:
-        rnd = db.get(Round, round_id)
-        assert rnd is not None
-        rnd.status = ROUND_OPEN
-        rnd.error = message
-        record(
-            db,
-            at=portal.clock(),
-            actor=None,
-            actor_label=SERVER_ACTOR,
-            action="round.aggregate_failed",
-            target=f"round {rnd.number}",
-            detail=message,
+    user_id: int,
+    sha: str,
+    size: int,
+    now: datetime,
+    client_ip: str,
+    elapsed_s: float | None,
+) -> tuple[UploadPublic, str | None]:
+    """Reference the stored blob from the hospital's row for the round (one transaction)."""
+    claimed = db.execute(
+        update(Round)
+        .where(Round.id == rnd.id, Round.status.in_(ROUND_ACCEPTING))
+        .values(
+            upload_seq=Round.upload_seq + 1,
+            status=ROUND_OPEN,
+            error=None,
+            failed_at=None,
+            failed_upload_id=None,
         )
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        raise ConflictError(f"round {rnd.number} closed while the update was uploading")
+    if fed.model_size is None:
+        fed.model_size = info.size
+    user = db.get(User, user_id)
+    assert user is not None
+    grid = info.grid
+    values = {
+        "sha256": sha,
+        "size": size,
+        "num_examples": info.num_examples,
+        "uploaded_at": now,
+        "upload_seconds": elapsed_s,
+        "mode": grid.mode if grid else None,
+        "table_sha256": grid.table_sha256 if grid else None,
+        "max_examples": grid.max_examples if grid else None,
+    }
+    existing = db.scalar(select(Upload).where(Upload.round_id == rnd.id, Upload.user_id == user_id))
+    old_sha: str | None = None
+    if existing is not None:
+        old_sha = existing.sha256
+        for key, value in values.items():
+            setattr(existing, key, value)
+        existing.version += 1
+        row = existing
+        action = "update.replace"
+    else:
+        row = Upload(round_id=rnd.id, user_id=user_id, version=1, **values)
+        db.add(row)
+        action = "update.upload"
+    record(
+        db,
+        at=now,
+        actor=user,
+        action=action,
+        target=f"{fed.name} round {rnd.number}",
+        detail=(
+            f"{size} bytes, {info.num_examples} examples, sha256 {sha[:16]}…"
+            + (f", {grid.mode}" if grid else "")
+        ),
+        client_ip=client_ip,
+    )
+    try:
         db.commit()
-
-
-def tick(portal: Portal) -> int:
-    """Aggregate every round that is due (deadline checks); return how many were."""
-    with portal.session() as db:
-        ids = feds.running_federation_ids(db)
-    done = 0
-    for fid in ids:
-        try:
-            done += maybe_aggregate(portal, fid)
-        except PortalError as exc:  # pragma: no cover - defensive
-            log.warning("round check of federation %s failed: %s", fid, exc)
-    return done
-
-
-def recover(portal: Portal) -> None:
-    """After a restart: reopen rounds whose aggregation was interrupted, drop partial files."""
-    with portal.session() as db:
-        db.execute(update(Round).where(Round.status == ROUND_AGGREGATING).values(status=ROUND_OPEN))
-        db.commit()
-    removed = portal.store.clear_tmp()
-    if removed:
-        log.info("removed %d partial uploads", removed)
+    except IntegrityError as exc:  # a concurrent first upload by the same hospital
+        raise ConflictError("another upload from this hospital is in progress") from exc
+    return upload_public(row), old_sha
 
 
 # --- metrics --------------------------------------------------------------------------

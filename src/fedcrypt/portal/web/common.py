@@ -12,9 +12,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from fedcrypt.portal.context import Portal
+from fedcrypt.portal.deps import SESSION_COOKIE
 from fedcrypt.portal.errors import ForbiddenError
 from fedcrypt.portal.models import User
 from fedcrypt.portal.security import csrf_token, csrf_valid
+from fedcrypt.portal.services import accounts
 
 CSRF_COOKIE = "fedcrypt_csrf"
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
@@ -55,6 +57,21 @@ def _portal(request: Request) -> Portal:
     return portal
 
 
+def _session_binding(request: Request) -> str | None:
+    """``"session:<key id>"`` of the browser's valid session, else ``None``."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    portal = _portal(request)
+    with portal.session() as db:
+        row = accounts.active_session(portal, db, cookie)
+        return f"session:{row.key_id}" if row is not None else None
+
+
+def _valid_nonce(value: str | None) -> str | None:
+    return value if value and len(value) <= 100 else None
+
+
 def render(
     request: Request,
     name: str,
@@ -63,27 +80,31 @@ def render(
     user: User | None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    """Render a template with ``user`` and a fresh CSRF form token.
+    """Render a template with ``user`` and a CSRF form token bound to the session.
 
-    The CSRF nonce lives in an HttpOnly cookie; forms carry its HMAC under the server
-    secret (signed double-submit). A nonce is created on the first page a browser sees.
+    A signed-in browser's forms carry an HMAC (server secret) of its session's id, so a
+    token is worthless outside that session. Before sign-in, forms carry the HMAC of an
+    HttpOnly nonce cookie (signed double-submit), created on the first page a browser
+    sees.
     """
     portal = _portal(request)
-    nonce = request.cookies.get(CSRF_COOKIE)
-    fresh = not nonce or len(nonce) > 100
-    if fresh:
-        nonce = secrets.token_urlsafe(32)
-    assert nonce is not None
+    binding = _session_binding(request)
+    fresh: str | None = None
+    if binding is None:
+        nonce = _valid_nonce(request.cookies.get(CSRF_COOKIE))
+        if nonce is None:
+            nonce = fresh = secrets.token_urlsafe(32)
+        binding = f"nonce:{nonce}"
     ctx: dict[str, Any] = {
         "user": user,
-        "csrf_token": csrf_token(portal.settings.secret_key.get_secret_value(), nonce),
+        "csrf_token": csrf_token(portal.settings.secret_key.get_secret_value(), binding),
     }
     ctx.update(context or {})
     response = templates.TemplateResponse(request, name, ctx, status_code=status_code)
-    if fresh:
+    if fresh is not None:
         response.set_cookie(
             CSRF_COOKIE,
-            nonce,
+            fresh,
             httponly=True,
             samesite="lax",
             secure=portal.settings.cookie_secure,
@@ -93,7 +114,7 @@ def render(
 
 
 def check_csrf(request: Request, token: str) -> None:
-    """Refuse a form whose token does not match the browser's CSRF cookie.
+    """Refuse a form whose token is not bound to this browser's session (or nonce).
 
     Raises
     ------
@@ -101,9 +122,11 @@ def check_csrf(request: Request, token: str) -> None:
         If the check fails (HTTP 403).
     """
     portal = _portal(request)
-    if not csrf_valid(
-        portal.settings.secret_key.get_secret_value(), request.cookies.get(CSRF_COOKIE), token
-    ):
+    binding = _session_binding(request)
+    if binding is None:
+        nonce = _valid_nonce(request.cookies.get(CSRF_COOKIE))
+        binding = f"nonce:{nonce}" if nonce else None
+    if not csrf_valid(portal.settings.secret_key.get_secret_value(), binding, token):
         raise ForbiddenError(
             "the form was not sent from this portal's page or has expired (CSRF check "
             "failed); reload the page and try again"
