@@ -331,3 +331,45 @@ def test_discrete_gaussian_has_the_right_variance() -> None:
     assert s.dtype == np.int64
     assert np.var(s) == pytest.approx(9.0, rel=0.02)
     assert abs(np.mean(s)) < 0.05
+
+
+def test_discrete_gaussian_updates_cross_secagg_exactly() -> None:
+    """On secagg's own grid (γ = 1 / scale, weight 1) the fixed-point quantization is exact:
+    the unmasked FedAvg mean equals the mean of the noisy updates to float precision, so
+    the server's integer sum is exactly what the accounting covers."""
+    from fedcrypt.protection.secagg import (
+        RoundConfig,
+        SecAggParams,
+        SecAggServer,
+        new_consortium,
+        run_round,
+    )
+
+    size, ids = 500, (1, 2, 3)
+    params = SecAggParams(clip=16.0, max_examples=1)
+    plan = dp.plan_client_dp(
+        epsilon=8.0,
+        delta=1e-1,
+        max_norm=1.0,
+        hospitals=len(ids),
+        rounds=2,
+        mechanism="discrete-gaussian",
+        lattice=1.0 / params.resolved_scale,
+        dimension=size,
+    )
+    assert plan.value_bound() <= params.clip
+    rng = np.random.default_rng(7)
+    glob = rng.standard_normal(size)
+    noisy = {
+        i: dp.privatize_update(glob + rng.standard_normal(size), glob, plan=plan, rng=rng)
+        for i in ids
+    }
+    hospitals, registry = new_consortium(ids, params=params)
+    server = SecAggServer(
+        RoundConfig(round=1, hospital_ids=ids, vector_size=size, params=params),
+        registry=registry,
+    )
+    report = run_round(server, hospitals, {i: (v, 1) for i, v in noisy.items()})
+    assert report.result is not None and report.result.total_examples == 3
+    expected = np.mean([noisy[i] for i in ids], axis=0)
+    np.testing.assert_allclose(report.result.mean, expected, rtol=0, atol=1e-12)
