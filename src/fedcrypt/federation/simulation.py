@@ -181,7 +181,10 @@ def prepare_run(
     elif config.he_preset is not None:
         raise ConfigError(f"--he-preset applies to --protection he, not {scheme.name!r}")
     resolved = RunConfig.build(**{**config.model_dump(), **updates})
-    return PreparedRun(resolved, task, info, scheme, keys_dir)
+    run = PreparedRun(resolved, task, info, scheme, keys_dir)
+    if scheme.layer_selection and config.encrypt_layers != "all":
+        run.layer_selection()  # an impossible selection is refused here, not at the hospitals
+    return run
 
 
 def check_run(
