@@ -90,6 +90,15 @@ class RunConfig(BaseModel):
         ``min_hospitals`` are invited (default: 1.0, all).
     drop : tuple of str
         Simulated dropouts ``ID@ROUND[:STAGE]`` (tests and demonstrations; default: none).
+    dp_epsilon : float or None
+        Sample-level differential privacy: DP-SGD (Opacus) at every hospital, with the
+        noise calibrated so that each hospital spends at most ε on its patients over all
+        rounds; None for no DP (default: None).
+    dp_delta : float or None
+        δ of the DP guarantee; None picks a power of ten below 1/(10 n) for hospital 0's
+        ``n`` training examples (default: None).
+    dp_max_grad_norm : float
+        DP-SGD's per-example gradient clipping norm ``C`` (default: 1.0).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -120,6 +129,9 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     fraction: float = Field(default=1.0, gt=0, le=1)
     drop: tuple[str, ...] = ()
+    dp_epsilon: float | None = Field(default=None, gt=0, le=1000)
+    dp_delta: float | None = Field(default=None, gt=0, lt=1)
+    dp_max_grad_norm: float = Field(default=1.0, gt=0, le=1000)
 
     @field_validator("drop", mode="before")
     @classmethod

@@ -87,8 +87,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_model(task: Task, *, seed: int) -> torch.nn.Module:
+def build_model(task: Task, *, seed: int, dp: bool = False) -> torch.nn.Module:
     """The task's model, seeded so every party builds identical initial weights.
+
+    With ``dp``, the model is made Opacus-compatible (BatchNorm -> GroupNorm, no in-place
+    activations; :func:`fedcrypt.training.dp.dp_compatible`), identically at every party.
 
     Raises
     ------
@@ -104,7 +107,35 @@ def build_model(task: Task, *, seed: int) -> torch.nn.Module:
         raise TaskError(f"task {task.name!r}: model() failed: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise TaskError(f"task {task.name!r}: model() did not return an nn.Module")
+    if dp:
+        from fedcrypt.training.dp import dp_compatible
+
+        torch.manual_seed(seed)
+        model = dp_compatible(model)
     return model
+
+
+def sample_dp_plan(config: RunConfig, *, num_train: int) -> Any:
+    """The DP-SGD plan of a hospital with ``num_train`` examples (None without DP).
+
+    Raises
+    ------
+    fedcrypt.exceptions.ConfigError
+        If the requested ε cannot be met (or δ is too large for the data size).
+    """
+    if config.dp_epsilon is None:
+        return None
+    from fedcrypt.training.dp import default_delta, plan_sample_dp
+
+    return plan_sample_dp(
+        epsilon=config.dp_epsilon,
+        delta=config.dp_delta or default_delta(num_train),
+        max_grad_norm=config.dp_max_grad_norm,
+        num_train=num_train,
+        batch_size=config.batch_size,
+        rounds=config.rounds,
+        local_epochs=config.local_epochs,
+    )
 
 
 def weights_digest(vector: NDArray[np.floating]) -> str:
@@ -152,6 +183,7 @@ class LocalSite:
     data: HospitalDatasets = field(init=False)
     initial: NDArray[np.float64] = field(init=False, repr=False)
     device: torch.device = field(init=False)
+    dp_plan: Any = field(init=False, default=None)
     _loaders: dict[str, DataLoader[Any]] = field(init=False, repr=False)
     _cache: tuple[str, AggregateResult] | None = field(init=False, default=None, repr=False)
 
@@ -160,7 +192,12 @@ class LocalSite:
             raise ProtocolError(f"hospital {self.hospital} is outside 0..{self.num_hospitals - 1}")
         cfg = self.config
         self.device = resolve_device(cfg.device)
-        self.model = build_model(self.task, seed=cfg.seed)
+        if cfg.dp_epsilon is not None and self.task.train is not None:
+            raise ConfigError(
+                f"task {self.task.name!r} brings its own train(): DP-SGD (--dp-epsilon) needs "
+                "the built-in training loop"
+            )
+        self.model = build_model(self.task, seed=cfg.seed, dp=cfg.dp_epsilon is not None)
         self.layout = Layout.of(self.model.state_dict())
         self.initial = flatten(self.model.state_dict())
         try:
@@ -178,6 +215,7 @@ class LocalSite:
             data=self.data,
         )
         self.model.to(self.device)
+        self.dp_plan = sample_dp_plan(cfg, num_train=self.num_train)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.hospital)
         self._loaders = {
             "train": DataLoader(
@@ -244,6 +282,7 @@ class LocalSite:
         cfg = self.config
         seed = self.round_seed(server_round)
         loader = self._loaders["train"]
+        dp: Any = None
         t0 = time.perf_counter()
         if self.task.train is not None:
             settings = TrainSettings(
@@ -258,6 +297,13 @@ class LocalSite:
             torch.manual_seed(seed)
             loss = float(self.task.train(self.model, loader, settings))
         else:
+            extra: dict[str, Any] = {}
+            if self.dp_plan is not None:
+                from fedcrypt.training.dp import SampleDP
+
+                # an upper bound: as if this hospital trained in every earlier round
+                dp = SampleDP(self.dp_plan, rounds_done=server_round - 1)
+                extra["wrap"] = dp.wrap
             loss = train(
                 self.model,
                 loader,
@@ -266,13 +312,20 @@ class LocalSite:
                 weight_decay=cfg.weight_decay,
                 class_weight=cfg.class_weight,
                 seed=seed,
+                **extra,
             ).loss
+            if dp is not None:
+                dp.end_round()
         seconds = time.perf_counter() - t0
-        return self.weights(), {
+        metrics = {
             "num-examples": float(self.num_train),
             "train-loss": loss,
             "train-seconds": seconds,
         }
+        if dp is not None:
+            metrics["dp-epsilon"] = dp.epsilon
+            metrics["dp-delta"] = float(self.dp_plan.delta)
+        return self.weights(), metrics
 
     def evaluate(
         self, vector: NDArray[np.floating], *, final: bool = False

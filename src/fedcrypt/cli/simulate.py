@@ -135,6 +135,19 @@ def simulate(
         "(repeatable).",
     ),
     device: str = typer.Option("auto", help="Where hospitals train: auto, cpu or cuda."),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        help="Differential privacy: DP-SGD at every hospital, spending at most this ε on its "
+        "patients over all rounds.",
+        show_default="no DP",
+    ),
+    dp_delta: float | None = typer.Option(
+        None, "--dp-delta", help="δ of the DP guarantee.", show_default="below 1/(10 n)"
+    ),
+    dp_max_grad_norm: float = typer.Option(
+        1.0, "--dp-max-grad-norm", help="DP-SGD's per-example gradient clipping norm."
+    ),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue RUN_DIR from its checkpoint up to --rounds rounds."
     ),
@@ -178,6 +191,9 @@ def simulate(
         fraction=fraction,
         drop=tuple(drop),
         device=device,
+        dp_epsilon=dp_epsilon,
+        dp_delta=dp_delta,
+        dp_max_grad_norm=dp_max_grad_norm,
     )
     prepared: PreparedRun | None = None
     if resume is not None:
@@ -236,6 +252,8 @@ def simulate(
         for k in ("sensitivity", "specificity", "balanced_accuracy")
         if isinstance(final.get(k), float)
     )
+    if isinstance(final.get("epsilon"), float):
+        extra += (", " if extra else "") + f"DP ε {final['epsilon']:.3g} at δ {final['delta']:g}"
     console.print(
         f"final test accuracy [bold]{final['accuracy']:.4f}[/], ROC AUC [bold]{final['auc']:.4f}[/]"
         + (f", {extra}" if extra else "")
@@ -258,6 +276,7 @@ def _describe(run: object) -> None:
         f"task {run.task.name!r} ({run.info.label_kind}, {run.info.num_outputs} outputs), "
         f"model {cfg.model}, lr {cfg.lr:g}, {cfg.local_epochs} local epoch(s), "
         f"protection {cfg.protection}{preset}"
+        + (f", DP-SGD ε ≤ {cfg.dp_epsilon:g} at δ {cfg.dp_delta:g}" if cfg.dp_epsilon else "")
     )
     if run.scheme.layer_selection and cfg.encrypt_layers != "all":
         enc, frac, clear = run.layer_selection()

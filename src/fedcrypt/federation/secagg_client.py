@@ -285,8 +285,7 @@ def masked_input(setup: SecAggClientSetup, msg: Message, context: Context) -> Me
         reply,
         {
             "stage-seconds": seconds,
-            "train-loss": train_metrics["train-loss"],
-            "train-seconds": train_metrics["train-seconds"],
+            **{k: v for k, v in train_metrics.items() if k != "num-examples"},
         },
     )
 

@@ -239,6 +239,7 @@ class SecAggFedAvg(ProtectedFedAvg):
         down = dict.fromkeys(ids, 0)
         protect = dict.fromkeys(ids, 0.0)
         losses: list[float] = []
+        eps: list[tuple[float, float]] = []
         gone: set[int] = set()
         dropped: dict[int, str] = {}
         catch = {h: self.catch_up(node_of[h], server_round) for h in ids}
@@ -267,6 +268,8 @@ class SecAggFedAvg(ProtectedFedAvg):
                 protect[hid] += metrics[hid].get("stage-seconds", 0.0)
                 if "train-loss" in metrics[hid]:
                     losses.append(metrics[hid]["train-loss"])
+                if "dp-epsilon" in metrics[hid]:
+                    eps.append((metrics[hid]["dp-epsilon"], metrics[hid]["dp-delta"]))
             t0 = time.perf_counter()
             if stage == "advertise":
                 requests = server.receive_advertise(replies)
@@ -283,16 +286,20 @@ class SecAggFedAvg(ProtectedFedAvg):
         for hid in ids:
             down[hid] += len(aggregate)
         n = max(1, len(survivors))
+        train: dict[str, float] = {
+            "train-loss": sum(losses) / len(losses) if losses else float("nan"),
+            "bytes-up": sum(up[h] for h in survivors) / n,
+            "bytes-down": sum(down[h] for h in survivors) / n,
+            "protect-seconds": sum(protect[h] for h in survivors) / n,
+        }
+        if eps:
+            train["dp-epsilon"] = max(e for e, _ in eps)
+            train["dp-delta"] = max(d for _, d in eps)
         return TrainOutcome(
             aggregate=aggregate,
             contributors=survivors,
             dropped={h: w for h, w in dropped.items() if h not in survivors},
-            metrics={
-                "train-loss": sum(losses) / len(losses) if losses else float("nan"),
-                "bytes-up": sum(up[h] for h in survivors) / n,
-                "bytes-down": sum(down[h] for h in survivors) / n,
-                "protect-seconds": sum(protect[h] for h in survivors) / n,
-            },
+            metrics=train,
             aggregate_seconds=server_s,
         )
 

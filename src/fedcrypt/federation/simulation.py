@@ -85,7 +85,8 @@ class PreparedRun:
         from fedcrypt.protection.selective import select_layers
         from fedcrypt.site import build_model
 
-        layout = Layout.of(build_model(self.task, seed=self.config.seed).state_dict())
+        dp = self.config.dp_epsilon is not None
+        layout = Layout.of(build_model(self.task, seed=self.config.seed, dp=dp).state_dict())
         if self.config.encrypt_layers == "all":
             return layout.names(), 1.0, []
         mask = select_layers(layout, self.config.encrypt_layers)
@@ -160,7 +161,10 @@ def prepare_run(
     )
     task = task or task_for(config)
     info = inspect_task(task, num_hospitals=config.clients, seed=config.seed)
-    updates: dict[str, object] = {
+    updates: dict[str, object] = {}
+    if config.dp_epsilon is not None:
+        updates.update(_dp_settings(config, task))
+    updates |= {
         "lr": config.lr or task.lr or FALLBACK_LR,
         "model": info.model_name,
     }
@@ -185,6 +189,27 @@ def prepare_run(
     if scheme.layer_selection and config.encrypt_layers != "all":
         run.layer_selection()  # an impossible selection is refused here, not at the hospitals
     return run
+
+
+def _dp_settings(config: RunConfig, task: Task) -> dict[str, object]:
+    """Refuse an unreachable ε before any round; resolve δ (recorded in metrics.json).
+
+    Raises
+    ------
+    fedcrypt.exceptions.ConfigError
+        If the task brings its own training loop, or the requested ε cannot be met with
+        hospital 0's data (the other hospitals check their own when they start).
+    """
+    from fedcrypt.site import sample_dp_plan
+
+    if task.train is not None:
+        raise ConfigError(
+            f"task {task.name!r} brings its own train(): DP-SGD (--dp-epsilon) needs the "
+            "built-in training loop"
+        )
+    data = task.datasets(0, config.clients, config.seed)
+    plan = sample_dp_plan(config, num_train=len(data.train))  # type: ignore[arg-type]
+    return {"dp_delta": float(plan.delta)}
 
 
 def check_run(

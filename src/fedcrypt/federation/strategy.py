@@ -343,6 +343,10 @@ class ProtectedFedAvg(Strategy):
         for key in ("bytes-up", "protect-seconds"):
             train[key] = plain_mean(metrics, key)
         train["clipped"] = float(sum(_num(m.get("clipped")) for m in metrics))
+        eps = [_num(m["dp-epsilon"]) for m in metrics if "dp-epsilon" in m]
+        if eps:  # each hospital's guarantee is its own: the run's figure is the largest
+            train["dp-epsilon"] = max(eps)
+            train["dp-delta"] = max(_num(m.get("dp-delta")) for m in metrics)
         return TrainOutcome(
             aggregate=aggregate,
             contributors=sorted(self._hid(r.metadata.src_node_id) for r in ok),
@@ -448,6 +452,9 @@ def round_record(
         and k.removeprefix("test-") not in core
         and isinstance(v, int | float)
     }
+    if "dp-epsilon" in train:
+        extra["epsilon"] = float(train["dp-epsilon"])
+        extra["delta"] = float(train["dp-delta"])
     return RoundRecord(
         round=rnd,
         loss=metric("test-loss"),

@@ -40,6 +40,21 @@ def _protection_line(record: RunRecord) -> str:
     return f"{cfg.get('protection')}{preset}: {_threat(cfg.get('protection'))}"
 
 
+def _dp_lines(record: RunRecord) -> list[str]:
+    """The differential-privacy guarantee, in words, when the run used DP."""
+    cfg, final = record.config, record.final
+    if cfg.get("dp_epsilon") is None:
+        return []
+    eps, delta = final.get("epsilon"), final.get("delta")
+    spent = f"{eps:.3g}" if isinstance(eps, float) else "?"
+    return [
+        f"- differential privacy: DP-SGD (Opacus) at every hospital, clipping norm "
+        f"{cfg.get('dp_max_grad_norm')}; each hospital spent at most **ε = {spent}** "
+        f"(target {cfg.get('dp_epsilon')}) at **δ = {delta if delta is not None else '?'}** on "
+        "its patients over the whole run (an upper bound: as if it trained in every round)"
+    ]
+
+
 def _fmt(v: float, digits: int = 4) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -61,6 +76,7 @@ def markdown(record: RunRecord, *, roc_png: str | None, rounds_png: str) -> str:
         f"- protection: {_protection_line(record)}",
         f"- final test accuracy **{_fmt(final.get('accuracy', math.nan))}**, "
         f"ROC AUC **{_fmt(final.get('auc', math.nan))}**",
+        *_dp_lines(record),
         f"- wall time {record.seconds:.1f} s",
         "",
         "## Rounds",
