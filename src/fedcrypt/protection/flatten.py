@@ -79,13 +79,6 @@ class Layout:
             offset += n
         return cls(tuple(specs), offset)
 
-    @classmethod
-    def flat(cls, size: int) -> Layout:
-        """A layout of one float tensor of ``size`` values (a vector without a model)."""
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        return cls((TensorSpec("values", (int(size),), torch.float32, 0, int(size)),), int(size))
-
     def names(self) -> list[str]:
         """Tensor names in order."""
         return [s.name for s in self.tensors]

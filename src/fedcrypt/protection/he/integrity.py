@@ -163,27 +163,28 @@ class RoundState:
         """
         if expect_round is not None and round != expect_round:
             raise ReplayError(
-                f"the aggregate is from round {round}, expected round {expect_round} "
-                "(replayed or out of order)",
+                f"replay refused: the aggregate is from round {round}, expected round "
+                f"{expect_round} (replayed or out of order)",
                 round=round,
             )
         if not self.bound:
             return
         if run_id != self.run_id:
             raise ReplayError(
-                f"round {round}: the aggregate belongs to run {run_id!r}, this hospital is in "
-                f"run {self.run_id!r}",
+                f"replay refused (round {round}): the aggregate belongs to run {run_id!r}, "
+                f"this hospital is in run {self.run_id!r}",
                 round=round,
             )
         if round > self.round:
             raise ReplayError(
-                f"the aggregate claims round {round}, but this hospital is in round {self.round}",
+                f"replay refused: the aggregate claims round {round}, but this hospital is in "
+                f"round {self.round}",
                 round=round,
             )
         if round < self.last_round:
             raise ReplayError(
-                f"round {round}: an older aggregate was replayed (this hospital already "
-                f"decrypted round {self.last_round})",
+                f"replay refused (round {round}): an older aggregate was replayed (this "
+                f"hospital already decrypted round {self.last_round})",
                 round=round,
             )
 
@@ -320,4 +321,6 @@ def integrity_error(
     where = f"round {round}" if round is not None else "unbound round"
     if hospital:
         where += f", hospital {hospital!r}"
-    return IntegrityError(f"{where}: {message}", round=round, hospital=hospital)
+    return IntegrityError(
+        f"integrity check failed ({where}): {message}", round=round, hospital=hospital
+    )
