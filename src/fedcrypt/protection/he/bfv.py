@@ -139,13 +139,7 @@ def parse(blob: bytes, preset: HEPreset, *, slots: int, poly_bytes: int) -> Pack
     if len(env.sections) != 3:
         raise ProtocolError("malformed packed message: wrong number of sections")
     table, c0, seeds = env.sections
-    if len(c0) != common.ciphertexts * poly_bytes:
-        raise ProtocolError(
-            f"malformed packed message: {len(c0)} bytes of ciphertext for "
-            f"{common.ciphertexts} ciphertexts"
-        )
-    if len(seeds) != common.num_updates * common.ciphertexts * 64:
-        raise ProtocolError("malformed packed message: the seeds do not match the update count")
+    framing.check_payload(c0, seeds, common, poly_bytes=poly_bytes)
     max_examples = wire.header_int(h, "max_examples")
     return PackedMessage(common, str(mode), bytes(table), max_examples, c0, seeds)
 

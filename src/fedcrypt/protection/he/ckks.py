@@ -115,7 +115,7 @@ def _parse(blob: bytes, preset: HEPreset, fmt: WordFormat) -> _Parsed:
     if len(env.sections) != 2:
         raise ProtocolError("malformed ckks message: wrong number of sections")
     c0, seeds = env.sections
-    framing.check_payload(c0, seeds, common, fmt)
+    framing.check_payload(c0, seeds, common, poly_bytes=fmt.poly_bytes)
     return _Parsed(common, c0, seeds)
 
 

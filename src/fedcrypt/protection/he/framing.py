@@ -157,16 +157,16 @@ def read_common(header: dict[str, Any], *, max_ciphertexts: int) -> Common:
 
 
 def check_payload(
-    c0: bytes | memoryview, seeds: bytes | memoryview, common: Common, fmt: WordFormat
+    c0: bytes | memoryview, seeds: bytes | memoryview, common: Common, *, poly_bytes: int
 ) -> None:
-    """Check the sizes of the ``c0`` and seed sections.
+    """Check the sizes of the ``c0`` and seed sections (``poly_bytes`` per polynomial).
 
     Raises
     ------
     ProtocolError
         If they do not match ``C`` and ``K``.
     """
-    if len(c0) != common.ciphertexts * fmt.poly_bytes:
+    if len(c0) != common.ciphertexts * poly_bytes:
         raise ProtocolError(
             f"malformed HE message: {len(c0)} bytes of ciphertext for {common.ciphertexts} "
             "ciphertexts"
