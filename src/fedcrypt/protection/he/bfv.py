@@ -198,13 +198,14 @@ class EncodedUpdate:
     max_examples : int
         The round's example capacity (0 in the calibration round).
     slots : numpy.ndarray
-        int64, shape ``(C, N)``: signed slot values, reserved slots filled in.
+        uint64, shape ``(C, N)``: slot values reduced modulo ``t``, reserved slots filled
+        in.
     """
 
     mode: str
     table: bytes
     max_examples: int
-    slots: NDArray[np.int64]
+    slots: NDArray[np.uint64]
 
 
 class BFVHospital:
@@ -466,10 +467,11 @@ class BFVHospital:
         data = packing.pack(q.ints)
         layout = framing.SlotLayout(preset.slots, exact.size, data.size)
         grid = layout.place(exact, data, count=num_examples, updates=1)
-        body = np.mod(grid[:, :-1], t).astype(np.uint64)
-        tags = self._check_values(st.round, st.run_id, grid.shape[0]).tags(body)
-        grid[:, -1] = np.asarray(tags, dtype=np.int64)
-        return EncodedUpdate(mode, table, max_examples, grid)
+        np.mod(grid, t, out=grid)
+        slots = grid.view(np.uint64)  # reduced: in [0, t)
+        tags = self._check_values(st.round, st.run_id, grid.shape[0]).tags(slots)
+        slots[:, -1] = np.asarray(tags, dtype=np.uint64)
+        return EncodedUpdate(mode, table, max_examples, slots)
 
     def unprotect(self, aggregate: bytes, *, round: int | None = None) -> AggregateResult:
         """Decrypt an aggregate, verify it, and divide by the total example count.
@@ -577,7 +579,7 @@ class BFVHospital:
     def _verify(self, rows: NDArray[np.uint64], common: framing.Common) -> None:
         """Check values, then the counts inside every ciphertext, against the header."""
         r = common.round
-        tags = self._check_values(r, common.run, rows.shape[0]).tags(rows[:, :-1])
+        tags = self._check_values(r, common.run, rows.shape[0]).tags(rows)
         bad = [j for j, (a, b) in enumerate(zip(tags, rows[:, -1].tolist(), strict=True)) if a != b]
         if bad:
             raise integrity_error(

@@ -63,13 +63,14 @@ class SlotLayout:
     ) -> NDArray[Any]:
         """The ``(C, S)`` grid: the stream, then count and updates; check slots 0."""
         c = self.ciphertexts
-        grid = np.zeros((c, self.slots), dtype=data.dtype)
-        stream = grid[:, : self.usable].reshape(-1)
+        stream = np.zeros(c * self.usable, dtype=data.dtype)
         stream[: self.exact] = exact
         stream[self.exact : self.exact + self.data] = data
+        grid = np.empty((c, self.slots), dtype=data.dtype)
         grid[:, : self.usable] = stream.reshape(c, self.usable)
         grid[:, -3] = count
         grid[:, -2] = updates
+        grid[:, -1] = 0
         return grid
 
     def split(self, grid: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:

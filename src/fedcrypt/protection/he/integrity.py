@@ -213,19 +213,34 @@ class RoundState:
         return np.random.default_rng(int.from_bytes(key, "big"))
 
 
-def split_mul(a: NDArray[np.uint64], b: NDArray[np.uint64], t: int) -> list[int]:
+def _pieces(x: NDArray[np.uint64], pieces: int, width: int) -> list[NDArray[np.uint64]]:
+    mask = np.uint64((1 << width) - 1)
+    return [(x >> np.uint64(width * p)) & mask for p in range(pieces)]
+
+
+def _piece_shape(t: int) -> tuple[int, int]:
+    """Two pieces of at most 23 bits for ``t < 2^46``, else three of at most 20."""
+    bits = t.bit_length()
+    pieces = 2 if bits <= 46 else 3
+    return pieces, -(-bits // pieces)
+
+
+def split_mul(
+    a: NDArray[np.uint64],
+    b: NDArray[np.uint64],
+    t: int,
+    *,
+    b_pieces: list[NDArray[np.uint64]] | None = None,
+) -> list[int]:
     """Row-wise ``Σ_s a[j, s] b[s] mod t`` exactly, for ``a, b < t < 2^60``, rows < 2^16.
 
     Splits both factors into two (``t < 2^46``) or three pieces of at most 23 (20) bits so
     that every partial sum stays below ``2^64``; the pieces are recombined in Python
-    integers, one per row.
+    integers, one per row. ``b_pieces`` may hold ``b``'s pieces, precomputed.
     """
-    bits = t.bit_length()
-    pieces = 2 if bits <= 46 else 3
-    width = -(-bits // pieces)
-    mask = np.uint64((1 << width) - 1)
-    a_parts = [(a >> np.uint64(width * p)) & mask for p in range(pieces)]
-    b_parts = [(b >> np.uint64(width * p)) & mask for p in range(pieces)]
+    pieces, width = _piece_shape(t)
+    a_parts = _pieces(a, pieces, width)
+    b_parts = b_pieces if b_pieces is not None else _pieces(b, pieces, width)
     total = [0] * a.shape[0]
     for shift in range(2 * pieces - 1):
         acc = None
@@ -248,7 +263,7 @@ class ModularCheck:
     key : bytes
         32 bytes from :func:`derive`.
     plain_modulus : int
-        ``t``, below ``2^46``.
+        ``t``, below ``2^60``.
     slots : int
         Slots per ciphertext ``N``.
     ciphertexts : int
@@ -260,12 +275,16 @@ class ModularCheck:
             raise ValueError("the check arithmetic needs t < 2^60 and N <= 32768")
         self._t = int(plain_modulus)
         raw = np.frombuffer(keystream(key, 8 * (slots - 1 + ciphertexts)), dtype="<u8")
-        self._r = raw[: slots - 1] % np.uint64(self._t)
+        # r over all N slots, 0 at the check slot itself (so rows are used whole)
+        self._r = np.zeros(slots, dtype=np.uint64)
+        self._r[: slots - 1] = raw[: slots - 1] % np.uint64(self._t)
+        self._r_pieces = _pieces(self._r, *_piece_shape(self._t))
         self._rho = [int(v) % self._t or 1 for v in raw[slots - 1 :].tolist()]
 
     def tags(self, rows: NDArray[np.uint64]) -> list[int]:
-        """Check values of ``rows`` (uint64 ``(C, N-1)``, reduced modulo ``t``)."""
-        dots = split_mul(rows, self._r, self._t)
+        """Check values of ``rows`` (uint64 ``(C, N)``, reduced modulo ``t``; the last
+        column, the check slot, is ignored)."""
+        dots = split_mul(rows, self._r, self._t, b_pieces=self._r_pieces)
         return [(rho * d) % self._t for rho, d in zip(self._rho, dots, strict=True)]
 
 

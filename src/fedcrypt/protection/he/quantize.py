@@ -57,8 +57,8 @@ def ceil_log2(x: NDArray[np.float64]) -> NDArray[np.int64]:
 def stochastic_round(a: NDArray[np.float64], rng: np.random.Generator) -> NDArray[np.int64]:
     """Unbiased stochastic rounding: ``floor(a) + (U < a - floor(a))``, ``U ~ U[0, 1)``.
 
-    ``U`` is a float32 uniform (24 random bits): the rounding probability is off by less
-    than ``2**-24``, a bias far below the step.
+    Computed as ``floor(a + U)``. ``U`` is a float32 uniform (24 random bits): the
+    rounding probability is off by less than ``2**-24``, a bias far below the step.
 
     Parameters
     ----------
@@ -73,12 +73,15 @@ def stochastic_round(a: NDArray[np.float64], rng: np.random.Generator) -> NDArra
         int64, same shape; ``E[SR(a)] = a``, ``|SR(a) - a| < 1``, and ``SR(a) >= 0``
         wherever ``a >= 0`` (``floor`` of a non-negative number is non-negative).
     """
-    fl = np.floor(a)
-    frac = a - fl
-    up = rng.random(a.shape, dtype=np.float32) < frac
-    out = fl.astype(np.int64)
-    out += up
-    return out
+    return _round_in_place(np.array(a, dtype=np.float64), rng)
+
+
+def _round_in_place(a: NDArray[np.float64], rng: np.random.Generator) -> NDArray[np.int64]:
+    """:func:`stochastic_round` overwriting ``a``: ``floor(a + U)`` is ``floor(a) + 1``
+    with probability ``a - floor(a)``."""
+    a += rng.random(a.shape, dtype=np.float32)
+    np.floor(a, out=a)
+    return a.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -464,11 +467,10 @@ def quantize(
     Values with ``|y / δ| > clip`` are clipped to ``±clip`` first, so ``|SR| <= clip + 1``.
     """
     a = weighted / steps.per_value(weighted.size)
-    over = np.abs(a) > clip
-    clipped = int(np.count_nonzero(over))
+    clipped = int(np.count_nonzero(np.abs(a) > clip))
     if clipped:
         np.clip(a, -clip, clip, out=a)
-    return Quantized(stochastic_round(a, rng), clipped)
+    return Quantized(_round_in_place(a, rng), clipped)
 
 
 def dequantize(ints: NDArray[np.int64], steps: StepTable) -> NDArray[np.float64]:

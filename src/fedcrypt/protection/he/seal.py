@@ -559,12 +559,13 @@ class BFVContext(_Seeded):
         return tuple(q.bit_length() for q in self._primes)
 
     def encrypt(self, rows: NDArray[np.int64]) -> Sealed:
-        """Encrypt rows of ``N`` integers (reduced modulo ``t``), one seeded ciphertext each.
+        """Encrypt rows of ``N`` integers (modulo ``t``), one seeded ciphertext each.
 
         Parameters
         ----------
         rows : numpy.ndarray
-            int64, shape ``(C, N)``.
+            Shape ``(C, N)``: int64 (any sign, reduced here) or uint64 (already in
+            ``[0, t)``).
 
         Raises
         ------
@@ -590,8 +591,14 @@ class BFVContext(_Seeded):
         Coefficient encoding, not SIMD batching: ciphertexts are only ever added, and
         sums of ciphertexts decrypt to coefficient-wise sums modulo ``t`` either way; it
         spares the number-theoretic transform and lets NumPy write the plaintexts.
+        Unsigned rows must already be reduced (checked); signed rows are reduced here.
         """
-        vals = np.mod(rows.astype(np.int64), self._t).astype("<u8")
+        if rows.dtype == np.uint64:
+            if rows.size and int(rows.max()) >= self._t:
+                raise ValueError("slot values must be reduced modulo the plaintext modulus")
+            vals = rows.astype("<u8", copy=False)
+        else:
+            vals = np.mod(rows.astype(np.int64), self._t).astype("<u8")
         plains = []
         for row in vals:
             pt = sealapi.Plaintext()
