@@ -558,7 +558,7 @@ class BFVContext(_Seeded):
         """Bit sizes of all primes (data primes, then the special prime)."""
         return tuple(q.bit_length() for q in self._primes)
 
-    def encrypt(self, rows: NDArray[np.int64]) -> Sealed:
+    def encrypt(self, rows: NDArray[np.int64] | NDArray[np.uint64]) -> Sealed:
         """Encrypt rows of ``N`` integers (modulo ``t``), one seeded ciphertext each.
 
         Parameters
