@@ -139,6 +139,12 @@ def test_rejects_truncated_and_malformed(pair: tuple[CKKSHospital, CKKSAggregato
         server.aggregate([b"not a message"])
     env = wire.unpack(blob)
     sections = [bytes(s) for s in env.sections]
+    # garbage of the right length: a constant polynomial, an all-zero seed
+    zeroed = wire.pack(env.header, [bytes(len(s)) for s in sections])
+    with pytest.raises(ProtocolError, match="constant polynomial"):
+        server.aggregate([zeroed])
+    with pytest.raises(ProtocolError, match="all zeros"):
+        server.aggregate([wire.pack(env.header, [sections[0], bytes(len(sections[1]))])])
     # a ciphertext whose coefficients are not reduced modulo the prime
     fmt = server._format
     unreduced = fmt.pack(np.full((3, fmt.words), fmt.moduli[0], dtype=np.uint64))

@@ -100,13 +100,9 @@ def check_upload(
     Raises
     ------
     fedcrypt.exceptions.ProtocolError
-        If the header is of a retired format version, names no or another key context,
-        or carries no ciphertext.
+        If the header names no or another key context, or carries no ciphertext. (A
+        retired format version is refused by the aggregator, naming the version.)
     """
-    from fedcrypt.protection.he.framing import require_format
-
-    if not header.get("selective"):
-        require_format(header)
     fingerprint = header.get("fingerprint")
     if not isinstance(fingerprint, str):
         raise ProtocolError("the update's header names no key context fingerprint")

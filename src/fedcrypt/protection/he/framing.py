@@ -218,14 +218,31 @@ def add_ciphertexts(
     Raises
     ------
     ProtocolError
-        If an update's ciphertext has a coefficient out of range, naming it.
+        If an update's ciphertext has a coefficient out of range, is a constant
+        polynomial or has an all-zero seed (garbage, not a ciphertext), naming it.
     """
     acc: NDArray[np.uint64] | None = None
-    for i, (c0, _, common) in enumerate(blobs):
+    for i, (c0, seeds, common) in enumerate(blobs):
         try:
             words = fmt.unpack(c0, common.ciphertexts)
         except ValueError as exc:
             raise ProtocolError(f"malformed HE message: {who(i, common)}: {exc}") from exc
+        # c0 = Δm + e - a·s is uniformly random modulo q, and seeds are random bytes: a
+        # constant polynomial or an all-zero seed is garbage, not a ciphertext
+        constant = np.flatnonzero(words.min(axis=1) == words.max(axis=1))
+        zero_seed = np.flatnonzero(
+            ~np.frombuffer(seeds, dtype=np.uint8).reshape(-1, SEED_BYTES).any(axis=1)
+        )
+        if constant.size or zero_seed.size:
+            raise ProtocolError(
+                f"malformed HE message: {who(i, common)}: "
+                + (
+                    f"ciphertext {int(constant[0])} is a constant polynomial"
+                    if constant.size
+                    else "a seed is all zeros"
+                )
+                + ", not a ciphertext"
+            )
         if acc is None:
             acc = words
         else:
