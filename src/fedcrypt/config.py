@@ -99,6 +99,10 @@ class RunConfig(BaseModel):
         ``n`` training examples (default: None).
     dp_max_grad_norm : float
         DP-SGD's per-example gradient clipping norm ``C`` (default: 1.0).
+    run_id : str or None
+        The run's identity, bound into every protected message with the round (a replayed
+        aggregate of another run or round is refused); None: a fresh one per run (a
+        resumed run keeps its own) (default: None).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -132,6 +136,7 @@ class RunConfig(BaseModel):
     dp_epsilon: float | None = Field(default=None, gt=0, le=1000)
     dp_delta: float | None = Field(default=None, gt=0, lt=1)
     dp_max_grad_norm: float = Field(default=1.0, gt=0, le=1000)
+    run_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[ -~]+$")
 
     @field_validator("drop", mode="before")
     @classmethod

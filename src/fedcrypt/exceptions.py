@@ -40,6 +40,28 @@ class DecryptionError(FedcryptError):
     """A ciphertext cannot be decrypted (no secret key, wrong key, or corrupted data)."""
 
 
+class IntegrityError(DecryptionError):
+    """A protected aggregate decrypts but fails its integrity check: it was corrupted or
+    tampered with, or its example count disagrees with its header.
+
+    Attributes
+    ----------
+    round : int or None
+        The round the message claims (None if it names none).
+    hospital : str or None
+        The hospital concerned, where it can be known.
+    """
+
+    def __init__(self, message: str, *, round: int | None = None, hospital: str | None = None):
+        super().__init__(message)
+        self.round = round
+        self.hospital = hospital
+
+
+class ReplayError(IntegrityError):
+    """A protected aggregate belongs to another round or run (replayed or out of order)."""
+
+
 class AggregationError(FedcryptError):
     """The server cannot form an aggregate (too few updates, mismatched shapes or contexts)."""
 

@@ -242,6 +242,23 @@ class LocalSite:
         """See :func:`round_seed`."""
         return round_seed(self.config, server_round=server_round, hospital=self.hospital)
 
+    def begin_round(self, server_round: int) -> None:
+        """Bind the protection to this run and round (a no-op for schemes without it).
+
+        HE updates carry the run and round inside the ciphertext (so a replayed or
+        out-of-order aggregate is refused), and their stochastic rounding is seeded by
+        the run seed, the round and this hospital (so a run repeats exactly, and the
+        server, without the secret key, still cannot predict it).
+        """
+        setter = getattr(self.protection, "set_round", None)
+        if setter is not None:
+            setter(
+                self.config.run_id or "run",
+                int(server_round),
+                hospital=str(self.hospital),
+                seed=self.config.seed,
+            )
+
     # -- weights ------------------------------------------------------------------------
     def weights(self) -> NDArray[np.float64]:
         """The model's current weights, flat, shape ``(P,)``, float64."""

@@ -1,10 +1,14 @@
-"""Regenerate the golden files (run once per format change, from the project root).
+"""Write the golden files of the current message formats (run from the project root).
 
-    python tests/golden/make_golden.py
+    python tests/golden/make_golden.py           # format-2 messages, with the existing keys
+    python tests/golden/make_golden.py --keys    # only for a new key-file format: new keys
 
 The files pin formats other parties depend on: key files written by
-``fedcrypt keys generate`` (hospitals keep them for years), the ``FCRY`` wire envelope,
-and protected messages of each scheme. They hold *test* key material only (never used
+``fedcrypt keys generate`` (hospitals keep them for years: they are never regenerated
+for a message-format change), the ``FCRY`` wire envelope, and protected messages of each
+scheme. The files without a ``-v2`` suffix were written by the code of 2026-12-01
+(message format 1); the ``-v2`` files by the format-2 code (seeded ciphertexts, integrity
+slots, round binding; plain in float32). They hold *test* key material only (never used
 for real data); they are named ``*.bin`` so no tool mistakes them for real keys.
 """
 
@@ -21,6 +25,9 @@ HERE = Path(__file__).resolve().parent
 SIZE = 1000
 SEED = 20261201
 EXAMPLES = (7, 11)
+#: The run and round the format-2 golden messages are bound to.
+RUN_ID = "golden-run"
+ROUND = 3
 
 
 def golden_vectors() -> tuple[np.ndarray, np.ndarray]:
@@ -29,34 +36,46 @@ def golden_vectors() -> tuple[np.ndarray, np.ndarray]:
     return rng.normal(0, 0.1, SIZE), rng.normal(0, 0.1, SIZE)
 
 
+def write_keys() -> dict[str, dict[str, str]]:
+    """New golden key files (only when the key-file format itself changes)."""
+    from fedcrypt.protection.he import keys
+
+    info = {}
+    for preset in ("packed", "fast"):
+        hospital_bytes, server_bytes = keys.generate_keys(preset)
+        (HERE / f"{preset}-hospital-key.bin").write_bytes(hospital_bytes)
+        (HERE / f"{preset}-server-key.bin").write_bytes(server_bytes)
+        info[preset] = {"fingerprint": keys.hospital_from_bytes(hospital_bytes).fingerprint}
+    return info
+
+
 def main() -> None:
     from fedcrypt.protection import wire
     from fedcrypt.protection.he import keys
     from fedcrypt.protection.plain import PlainAggregator, PlainHospital
 
     a, b = golden_vectors()
+    meta = json.loads((HERE / "golden.json").read_text())
+    if "--keys" in sys.argv:
+        meta["keys"] = write_keys()
     envelope = wire.pack({"scheme": "test", "n": 1, "s": "é"}, [b"", b"abc", bytes(range(256))])
-    (HERE / "envelope.bin").write_bytes(envelope)
-    plain_msgs = [
-        PlainHospital().protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES, strict=True)
-    ]
-    (HERE / "plain-update.bin").write_bytes(plain_msgs[0])
-    (HERE / "plain-aggregate.bin").write_bytes(PlainAggregator().aggregate(plain_msgs))
-    info = {}
+    assert envelope == (HERE / "envelope.bin").read_bytes(), "the envelope format changed"
+    plain = PlainHospital()
+    plain.set_round(RUN_ID, ROUND)
+    plain_msgs = [plain.protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES, strict=True)]
+    (HERE / "plain-update-v2.bin").write_bytes(plain_msgs[0])
+    (HERE / "plain-aggregate-v2.bin").write_bytes(PlainAggregator().aggregate(plain_msgs))
     for preset in ("packed", "fast"):
-        hospital_bytes, server_bytes = keys.generate_keys(preset)
-        (HERE / f"{preset}-hospital-key.bin").write_bytes(hospital_bytes)
-        (HERE / f"{preset}-server-key.bin").write_bytes(server_bytes)
-        hospital = keys.hospital_from_bytes(hospital_bytes)
-        server = keys.server_from_bytes(server_bytes)
-        msgs = [hospital.protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES, strict=True)]
-        (HERE / f"{preset}-update.bin").write_bytes(msgs[0])
-        (HERE / f"{preset}-aggregate.bin").write_bytes(server.aggregate(msgs))
-        info[preset] = {"fingerprint": hospital.fingerprint}
-    (HERE / "golden.json").write_text(
-        json.dumps({"size": SIZE, "seed": SEED, "examples": EXAMPLES, "keys": info}, indent=2)
-        + "\n"
-    )
+        hospital = keys.hospital_from_bytes((HERE / f"{preset}-hospital-key.bin").read_bytes())
+        server = keys.server_from_bytes((HERE / f"{preset}-server-key.bin").read_bytes())
+        msgs = []
+        for i, (v, n) in enumerate(zip((a, b), EXAMPLES, strict=True)):
+            hospital.set_round(RUN_ID, ROUND, hospital=f"h{i}", seed=SEED)
+            msgs.append(hospital.protect(v, num_examples=n))
+        (HERE / f"{preset}-update-v2.bin").write_bytes(msgs[0])
+        (HERE / f"{preset}-aggregate-v2.bin").write_bytes(server.aggregate(msgs))
+    meta.update({"run": RUN_ID, "round": ROUND})
+    (HERE / "golden.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote golden files to {HERE}", file=sys.stderr)
 
 

@@ -38,3 +38,24 @@ def test_wrong_length_is_refused() -> None:
     layout = Layout.of(_model().state_dict())
     with pytest.raises(ValueError, match="the model needs"):
         unflatten(np.zeros(layout.size + 1), layout)
+
+
+def test_tensor_kinds_and_selection() -> None:
+    layout = Layout.of(_model().state_dict())
+    kinds = {t.name: t.kind for t in layout.tensors}
+    assert kinds == {
+        "0.weight": "weight",
+        "0.bias": "bias",
+        "1.weight": "weight",
+        "1.bias": "bias",
+        "1.running_mean": "bn_mean",
+        "1.running_var": "bn_var",
+        "1.num_batches_tracked": "integer",
+        "3.weight": "weight",
+        "3.bias": "bias",
+    }
+    sub = layout.select(["3.bias", "1.running_var"])
+    assert sub.names() == ["1.running_var", "3.bias"]
+    assert [t.offset for t in sub.tensors] == [0, 4] and sub.size == 6
+    with pytest.raises(ValueError, match="no tensor"):
+        layout.select(["nope"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from fedcrypt.exceptions import AggregationError, ConfigError, ProtocolError
-from fedcrypt.protection import wire
+from fedcrypt.protection import he, wire
 from fedcrypt.protection.base import HospitalProtection, ServerAggregator
 from fedcrypt.protection.flatten import Layout, flatten
 from fedcrypt.protection.he.keys import generate_keys, hospital_from_bytes, server_from_bytes
@@ -16,6 +18,7 @@ from fedcrypt.protection.selective import (
     SelectiveHospital,
     parameterized_modules,
     select_layers,
+    selected_layout,
 )
 
 
@@ -93,15 +96,28 @@ def test_selective_fedavg(layout: Layout, keys_fast: tuple[bytes, bytes]) -> Non
     assert (result.total_examples, result.num_updates) == (35, 3)
 
 
-def test_selective_with_packed_inner(layout: Layout) -> None:
+def test_selective_with_packed_inner(layout: Layout, tmp_path: Path) -> None:
+    """Through the registry factory: the inner scheme gets the selected tensors' layout
+    (BatchNorm's counter travels exactly), and round binding reaches it."""
     h_bytes, s_bytes = generate_keys("packed")
-    mask = select_layers(layout, "last")
-    hospital = SelectiveHospital(hospital_from_bytes(h_bytes), mask)
+    key = tmp_path / "hospital.key"
+    key.write_bytes(h_bytes)
+    key.chmod(0o600)
+    hospital = he.hospital(key_file=key, encrypt_layers="last:3", layout=layout)
+    assert isinstance(hospital, SelectiveHospital)
     server = SelectiveAggregator(server_from_bytes(s_bytes))
-    x = flatten(_model().state_dict())
-    for _ in range(2):  # calibration round, then calibrated
-        result = hospital.unprotect(server.aggregate([hospital.protect(x, num_examples=4)]))
+    model = _model()
+    model(torch.randn(4, 1, 8, 8))
+    x = flatten(model.state_dict())
+    nbt = next(t for t in layout.tensors if t.name == "1.num_batches_tracked")
+    for rnd in (1, 2):  # calibration round, then calibrated
+        hospital.set_round("sel", rnd)
+        result = hospital.unprotect(
+            server.aggregate([hospital.protect(x, num_examples=4)] * 2), round=rnd
+        )
         np.testing.assert_allclose(result.mean, x, atol=1e-4)
+        assert result.mean[nbt.offset] == x[nbt.offset]
+        assert hospital.last_clipped == 0
 
 
 def test_selective_rejects_mismatch(layout: Layout, keys_fast: tuple[bytes, bytes]) -> None:
@@ -123,3 +139,14 @@ def test_selective_rejects_mismatch(layout: Layout, keys_fast: tuple[bytes, byte
         a.protect(x[:-1], num_examples=1)
     with pytest.raises(ConfigError):
         SelectiveHospital(inner_h, np.zeros(layout.size, dtype=bool))
+
+
+def test_selected_layout_packs_the_chosen_tensors(layout: Layout) -> None:
+    mask = select_layers(layout, "last:2")
+    sub = selected_layout(layout, mask)
+    assert sub.names() == ["4.weight", "4.bias", "5.weight", "5.bias"]
+    assert sub.size == int(mask.sum())
+    partial = mask.copy()
+    partial[np.flatnonzero(mask)[0]] = False
+    with pytest.raises(ConfigError, match="part of tensor"):
+        selected_layout(layout, partial)

@@ -1,18 +1,25 @@
 """``fedcrypt bench he``: the seed paper's HE measurements next to NVIDIA FLARE's and ours.
 
-Three parts, all measured in one run on this machine:
+Four parts, all measured in one run on this machine:
 
-* **Table I** (Lessage et al.): for ten key configurations, seconds to encrypt and to
-  serialize a layer with the paper's method (TenSEAL ``ckks_tensor``: one ciphertext per
-  value), bytes and peak memory. The paper's table itself was not available to us; the
-  ten configurations are clearly labelled stand-ins spanning its parameter ranges.
+* **Table I** (Lessage et al., ``../shared/reference/README.md``): the paper's ten key
+  parameter sets with its published "values" and encryption seconds, beside our
+  measurements of the same parameter sets: the paper's method (TenSEAL ``ckks_tensor``,
+  one ciphertext per value; measured on a few values, extrapolated linearly), packed
+  TenSEAL vectors (``ckks_vector``, ``N/2`` values per ciphertext) and fedcrypt's seeded
+  CKKS ciphertexts, encrypting the paper's number of values.
 * **Figures 8 and 10**: encrypt and serialize seconds, and peak memory, against the
   number of values (10^2 ... 10^7) for the paper's method, NVIDIA FLARE's packed vectors
   and ours. Points too large to measure are extrapolated linearly from the largest
   measured one and flagged.
 * **Side by side** for one update of 2,236,000 float32 values (MobileNetV2): seconds to
   protect, seconds for the server to add 10 updates, seconds to decrypt, bytes per
-  parameter, peak memory, and ratios to ours.
+  parameter up (one update) and down (the aggregate of 10), peak memory, and ratios to
+  ours. The NVIDIA FLARE row is an independent reference (TenSEAL ``ckks_vector``,
+  N=8192, [60,40,40], scale 2^40, symmetric: its HEBuilder defaults), not fedcrypt code.
+* **One real aggregation**: three hospitals train the CNN a few steps; the largest
+  per-tensor relative error of the decrypted FedAvg (round 2, calibrated) and the
+  number of values outside the derived bound, per HE preset.
 
 Every measurement runs in a fresh process (:mod:`fedcrypt.bench.worker`) so that its
 peak resident memory (``ru_maxrss``, which sees C++ allocations) is its own.
@@ -43,7 +50,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class KeyConfig:
-    """One key configuration of Table I (stand-in).
+    """One key parameter set of the paper's Table I, with its published figures.
 
     Attributes
     ----------
@@ -52,55 +59,71 @@ class KeyConfig:
     poly_modulus_degree : int
         ``2^n``.
     coeff_mod_bit_sizes : tuple of int
-        Prime sizes, bits ("number" = how many; "extremas" = the outer ones).
+        ``[extrema, bits_scale * number, extrema]``.
     scale_bits : int
         ``bits_scale``.
     values : int
-        Values encrypted (the paper's "values" column; 6,000 = the layer size it reports).
+        The paper's "values": how many values one tensor could encrypt.
+    paper_s : float
+        The paper's encryption seconds for them (Mac M1; > 10 s rounded).
     """
 
     label: str
     poly_modulus_degree: int
     coeff_mod_bit_sizes: tuple[int, ...]
     scale_bits: int
-    values: int = 6000
+    values: int
+    paper_s: float
 
 
-#: Stand-ins for the paper's ten key configurations (its table was not retrievable): all
-#: pass the 128-bit check; rows 1, 2 and 8 are the configurations the paper and the
-#: issue name (N=8192 [60,40,40,60]; the light key; N=32768 [60]+[40]*8+[60]).
+def _row(
+    label: str, bits_scale: int, n: int, number: int, extrema: int, values: int, s: float
+) -> KeyConfig:
+    return KeyConfig(label, n, (extrema, *([bits_scale] * number), extrema), bits_scale, values, s)
+
+
+#: The paper's Table I (Lessage et al.; ``../shared/reference/README.md``): bits_scale, N,
+#: middle primes, outer primes, values, encryption seconds. Rows 7 and 8 are printed with
+#: the same parameters in the paper.
 TABLE_I: tuple[KeyConfig, ...] = (
-    KeyConfig("1 (issue's measurement)", 8192, (60, 40, 40, 60), 40),
-    KeyConfig("2 (paper-light)", 8192, (40, 21, 21, 21, 21, 21, 21, 40), 21),
-    KeyConfig("3", 8192, (60, 40, 60), 40),
-    KeyConfig("4", 8192, (60, 52, 52), 52),
-    KeyConfig("5", 16384, (60, 40, 40, 40, 40, 60), 40),
-    KeyConfig("6", 16384, (60, 50, 50, 50, 50, 50, 60), 50),
-    KeyConfig("7", 16384, (60, *([40] * 7), 60), 40),
-    KeyConfig("8 (paper-heavy)", 32768, (60, *([40] * 8), 60), 40),
-    KeyConfig("9", 32768, (60, *([50] * 12), 60), 50),
-    KeyConfig("10", 32768, (60, *([40] * 18), 60), 40),
+    _row("1", 40, 32768, 8, 60, 12_000, 301),
+    _row("2", 40, 32768, 1, 60, 12_000, 20),
+    _row("3", 30, 32768, 8, 60, 17_000, 326),
+    _row("4", 20, 32768, 1, 60, 46_000, 231),
+    _row("5", 20, 32768, 1, 30, 80_000, 364),
+    _row("6", 20, 16384, 1, 30, 172_500, 451),
+    _row("7", 40, 8192, 2, 60, 135_000, 334),
+    _row("8", 40, 8192, 2, 60, 340_000, 403),
+    _row("9", 20, 4096, 2, 30, 400_000, 346),
+    _row("10", 20, 4096, 1, 30, 683_000, 428),
 )
 
 #: Side-by-side rows: (label, preset or method).
+#: The independent NVIDIA FLARE reference (TenSEAL ckks_vector, HEBuilder defaults).
+NVFLARE_REF = "nvflare-ref"
 SIDE_BY_SIDE_FULL: tuple[tuple[str, str], ...] = (
     ("paper's method (ckks_tensor)", "paper"),
-    ("NVIDIA FLARE defaults", "nvflare"),
+    ("NVIDIA FLARE (reference: TenSEAL ckks_vector)", NVFLARE_REF),
+    ("nvflare preset (seeded CKKS, FLARE's parameters)", "nvflare"),
     ("paper-heavy", "paper-heavy"),
     ("paper-light", "paper-light"),
     ("fast (float CKKS)", "fast"),
     ("compact (3 per slot)", "compact"),
     ("packed, calibration round", "packed@calibration"),
     ("packed (ours, default)", "packed"),
-    ("plain (float64)", "plain"),
+    ("plain (float32)", "plain"),
 )
 SIDE_BY_SIDE_QUICK: tuple[tuple[str, str], ...] = (
     ("paper's method (ckks_tensor)", "paper"),
-    ("NVIDIA FLARE defaults", "nvflare"),
+    ("NVIDIA FLARE (reference: TenSEAL ckks_vector)", NVFLARE_REF),
+    ("fast (float CKKS)", "fast"),
+    ("compact (3 per slot)", "compact"),
     ("packed, calibration round", "packed@calibration"),
     ("packed (ours, default)", "packed"),
-    ("plain (float64)", "plain"),
+    ("plain (float32)", "plain"),
 )
+#: Presets whose real-aggregation error is measured.
+ERROR_PRESETS: tuple[str, ...] = ("packed", "compact", "fast")
 
 
 @dataclass
@@ -136,6 +159,8 @@ class Options:
     fig_sizes: list[int] = field(default_factory=lambda: [10**k for k in range(2, 8)])
     fig_budget: int = 200_000_000
     copies: int = 10
+    table_budget: int = 400_000_000
+    data_dir: str | None = None
 
     @classmethod
     def for_quick(cls) -> Options:
@@ -148,6 +173,7 @@ class Options:
             update_budget=4_000_000,
             fig_sizes=[100, 1000],
             fig_budget=2_000_000,
+            table_budget=20_000_000,
         )
 
 
@@ -195,31 +221,35 @@ def _scale(x: float | None, factor: float) -> float | None:
 def _bytes_per_value(preset_name: str) -> float:
     """Rough wire bytes per value, to decide what can be measured in full."""
     if preset_name == "plain":
-        return 8.0
+        return 4.0
+    if preset_name == NVFLARE_REF:
+        return 58.0
     p = get_preset(preset_name)
     if p.is_packed:
         return 15.0 / p.packing().fields
-    return 16.0 * len(p.data_primes) * p.poly_modulus_degree / p.slots
+    return 8.0 * len(p.data_primes) * p.poly_modulus_degree / p.slots
 
 
 def _values_per_ciphertext(preset_name: str) -> int:
     if preset_name == "plain":
         return 1
+    if preset_name == NVFLARE_REF:
+        return 4096
     p = get_preset(preset_name)
-    return p.slots * (p.packing().fields if p.is_packed else 1)
+    return (p.slots - 3) * (p.packing().fields if p.is_packed else 1)
 
 
 # -- Table I ----------------------------------------------------------------------------
 def table_one(opts: Options, log: Log) -> list[dict[str, Any]]:
-    """Encrypt + serialize with the paper's method for each key configuration."""
+    """The paper's Table I beside our measurements of the same parameter sets."""
     rows = []
-    configs = TABLE_I[:2] if opts.quick else TABLE_I
+    configs = TABLE_I[-2:] if opts.quick else TABLE_I
     for cfg in configs:
         check_security(cfg.poly_modulus_degree, cfg.coeff_mod_bit_sizes)
         ct_bytes = 16 * cfg.poly_modulus_degree * (len(cfg.coeff_mod_bit_sizes) - 1)
         budget = 20_000_000 if opts.quick else 150_000_000
         measured = max(2, min(cfg.values, opts.paper_values, budget // ct_bytes))
-        log(f"Table I row {cfg.label}: {measured} values")
+        log(f"Table I row {cfg.label}: paper's method on {measured} values")
         r = measure(
             {
                 "kind": "paper",
@@ -231,21 +261,52 @@ def table_one(opts: Options, log: Log) -> list[dict[str, Any]]:
             isolate=opts.isolate,
         )
         f = cfg.values / measured
-        above = _above(r)
+        slots = cfg.poly_modulus_degree // 2
+        vec_values = cfg.values
+        if (
+            vec_values * 16 * cfg.poly_modulus_degree * (len(cfg.coeff_mod_bit_sizes) - 1) / slots
+            > opts.table_budget
+        ):
+            vec_values = max(
+                slots,
+                int(
+                    opts.table_budget
+                    // (16 * cfg.poly_modulus_degree * (len(cfg.coeff_mod_bit_sizes) - 1) / slots)
+                )
+                // slots
+                * slots,
+            )
+        log(f"Table I row {cfg.label}: packed vectors on {vec_values} values")
+        v = measure(
+            {
+                "kind": "table-i",
+                "values": vec_values,
+                "poly_modulus_degree": cfg.poly_modulus_degree,
+                "coeff_mod_bit_sizes": list(cfg.coeff_mod_bit_sizes),
+                "scale_bits": cfg.scale_bits,
+            },
+            isolate=opts.isolate,
+        )
+        g = cfg.values / vec_values
         rows.append(
             {
                 **asdict(cfg),
                 "bits_scale": cfg.scale_bits,
                 "n": int(math.log2(cfg.poly_modulus_degree)),
-                "number": len(cfg.coeff_mod_bit_sizes),
-                "extremas": [cfg.coeff_mod_bit_sizes[0], cfg.coeff_mod_bit_sizes[-1]],
+                "number": len(cfg.coeff_mod_bit_sizes) - 2,
+                "extremas": cfg.coeff_mod_bit_sizes[0],
                 "measured_values": measured,
                 "extrapolated": measured < cfg.values,
                 "encrypt_s": r["encrypt_s"] * f,
                 "serialize_s": r["serialize_s"] * f,
                 "bytes": r["bytes"] * f,
-                "peak_above_bytes": _scale(above, f),
-                "paper_reported_s": None,
+                "peak_above_bytes": _scale(_above(r), f),
+                "vector_values": vec_values,
+                "vector_encrypt_s": v["vector_encrypt_s"] * g,
+                "vector_total_s": v["vector_total_s"] * g,
+                "vector_bytes": v["vector_bytes"] * g,
+                "seeded_total_s": v["seeded_total_s"] * g,
+                "seeded_bytes": v["seeded_bytes"] * g,
             }
         )
     return rows
@@ -256,7 +317,7 @@ def figures(opts: Options, log: Log) -> dict[str, list[dict[str, Any]]]:
     """Encrypt/serialize seconds and peak memory against the number of values."""
     methods = {
         "paper": ("paper", opts.paper_values, 16 * 8192 * 3),
-        "nvflare": ("tenseal-parts", None, _bytes_per_value("nvflare")),
+        "nvflare": ("tenseal-parts", None, _bytes_per_value(NVFLARE_REF)),
         "ours": ("packed-parts", None, _bytes_per_value(OURS)),
     }
     out: dict[str, list[dict[str, Any]]] = {}
@@ -306,6 +367,7 @@ def _side_paper(opts: Options, log: Log) -> dict[str, Any]:
         "aggregate_s": r["aggregate_s"] * f,
         "decrypt_s": r["decrypt_s"] * f,
         "bytes": r["bytes"] * f,
+        "bytes_down": r["bytes"] * f,  # a sum of ckks_tensor ciphertexts is as large
         "hospital_peak_above_bytes": _scale(_above(r), f),
         "server_peak_above_bytes": None,
         "max_error": None,
@@ -323,7 +385,17 @@ def _side_preset(name: str, opts: Options, log: Log, tmp: Path) -> dict[str, Any
     key_dir = tmp / preset
     log(f"side by side: {name} on {n} values")
     keys: dict[str, Any] = {}
-    if preset != "plain":
+    ref = preset == NVFLARE_REF
+    kinds = (
+        ("nvflare-protect", "nvflare-aggregate", "nvflare-decrypt")
+        if ref
+        else (
+            "protect",
+            "aggregate",
+            "decrypt",
+        )
+    )
+    if preset != "plain" and not ref:
         keys = measure({"kind": "keys", "preset": preset, "key_dir": str(key_dir)}, isolate=True)
     repeat = 1 if opts.quick else 3  # best of 3 for every method alike (shared machine)
     update = tmp / f"{preset}-{variant}.update"
@@ -332,7 +404,7 @@ def _side_preset(name: str, opts: Options, log: Log, tmp: Path) -> dict[str, Any
     p = measure(
         {
             **common,
-            "kind": "protect",
+            "kind": kinds[0],
             "out": str(update),
             "calibrated": calibrated,
             "repeat": repeat,
@@ -342,7 +414,7 @@ def _side_preset(name: str, opts: Options, log: Log, tmp: Path) -> dict[str, Any
     a = measure(
         {
             **common,
-            "kind": "aggregate",
+            "kind": kinds[1],
             "in": str(update),
             "out": str(aggregate),
             "repeat": min(repeat, 2),
@@ -350,7 +422,7 @@ def _side_preset(name: str, opts: Options, log: Log, tmp: Path) -> dict[str, Any
         isolate=opts.isolate,
     )
     d = measure(
-        {**common, "kind": "decrypt", "in": str(aggregate), "repeat": repeat},
+        {**common, "kind": kinds[2], "in": str(aggregate), "repeat": repeat},
         isolate=opts.isolate,
     )
     f = opts.values / n
@@ -361,6 +433,7 @@ def _side_preset(name: str, opts: Options, log: Log, tmp: Path) -> dict[str, Any
         "aggregate_s": a["aggregate_s"] * f,
         "decrypt_s": d["decrypt_s"] * f,
         "bytes": p["bytes"] * f,
+        "bytes_down": a["bytes"] * f,
         "hospital_peak_above_bytes": _scale(_above(p), f),
         "server_peak_above_bytes": _scale(_above(a), f),
         "decrypt_peak_above_bytes": _scale(_above(d), f),
@@ -381,6 +454,7 @@ def side_by_side(opts: Options, log: Log) -> list[dict[str, Any]]:
             r = _side_paper(opts, log) if name == "paper" else _side_preset(name, opts, log, tmp)
             r.update({"label": label, "method": name})
             r["bytes_per_param"] = r["bytes"] / opts.values
+            r["bytes_down_per_param"] = r["bytes_down"] / opts.values
             rows.append(r)
     ours = next(r for r in rows if r["method"] == OURS)
     for r in rows:
@@ -389,38 +463,62 @@ def side_by_side(opts: Options, log: Log) -> list[dict[str, Any]]:
     return rows
 
 
-def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals, each with the measured figure and whether it is met."""
-    ours = next(r for r in rows if r["method"] == OURS)
-    nv = next(r for r in rows if r["method"] == "nvflare")
-    gib = 1 << 30
-    peaks = [
-        ours.get(k)
-        for k in (
-            "hospital_peak_above_bytes",
-            "server_peak_above_bytes",
-            "decrypt_peak_above_bytes",
+# -- one real aggregation ---------------------------------------------------------------
+def real_error(opts: Options, log: Log) -> list[dict[str, Any]]:
+    """The largest per-tensor relative error of one real CNN aggregation, per preset."""
+    rows = []
+    for preset in ERROR_PRESETS[:1] if opts.quick else ERROR_PRESETS:
+        log(f"real aggregation: CNN, 3 hospitals, {preset}")
+        r = measure(
+            {"kind": "cnn-error", "preset": preset, "data_dir": opts.data_dir, "steps": 6},
+            isolate=opts.isolate,
         )
+        rows.append({"preset": preset, **r})
+    return rows
+
+
+def goals(
+    rows: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The issue's goals (issue 9), each with the measured figure and whether it is met."""
+    by = {r["method"]: r for r in rows}
+    ours = by[OURS]
+    nv = by[NVFLARE_REF]
+    out: list[tuple[str, float | None, str, float]] = [
+        ("upload bytes per parameter (default preset)", ours["bytes_per_param"], "<=", 4.0),
+        ("hospital protect, s (default preset)", ours["protect_s"], "<=", 0.3),
+        ("size reduction vs NVIDIA FLARE reference", nv["bytes"] / ours["bytes"], ">=", 14.0),
+        (
+            "protect speed-up vs NVIDIA FLARE reference",
+            nv["protect_s"] / ours["protect_s"],
+            ">=",
+            4.0,
+        ),
     ]
-    peak = max((p for p in peaks if p is not None), default=None)
-    out = [
-        ("wire bytes per parameter (default preset)", ours["bytes_per_param"], "<=", 8.0),
-        ("hospital quantize+encrypt+serialize, s", ours["protect_s"], "<=", 0.5),
-        ("hospital decrypt+unpack, s", ours["decrypt_s"], "<=", 0.5),
-        ("server adds 10 updates, s", ours["aggregate_s"], "<=", 1.0),
-        ("peak memory above the model, GiB", None if peak is None else peak / gib, "<", 1.0),
-        ("protect speed-up vs NVIDIA FLARE", nv["protect_s"] / ours["protect_s"], ">=", 5.0),
-        ("size reduction vs NVIDIA FLARE", nv["bytes"] / ours["bytes"], ">=", 7.0),
-    ]
+    if "compact" in by:
+        out.append(
+            ("upload bytes per parameter (compact)", by["compact"]["bytes_per_param"], "<=", 3.0)
+        )
+    if "plain" in by:
+        out.append(
+            ("upload bytes per parameter (plain)", by["plain"]["bytes_per_param"], "<=", 4.1)
+        )
+    for e in errors:
+        if e.get("preset") == OURS:
+            out.append(
+                (
+                    "real CNN aggregation, largest per-tensor relative error",
+                    e["max_tensor_rel_error"],
+                    "<=",
+                    1e-4,
+                )
+            )
+            out.append(
+                ("real CNN aggregation, values outside the bound", e["values_above_bound"], "<=", 0)
+            )
     res = []
     for name, value, op, target in out:
-        met = (
-            None
-            if value is None
-            else (
-                value <= target if op == "<=" else value < target if op == "<" else value >= target
-            )
-        )
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
         res.append({"goal": name, "measured": value, "op": op, "target": target, "met": met})
     return res
 
@@ -466,15 +564,17 @@ def run_he(
         "options": asdict(opts),
         "ours": OURS,
         "table_i_note": (
-            "Stand-in configurations: the paper's Table I was not retrievable offline; "
-            "values column = 6,000 (the layer size the paper reports); paper_reported_s "
-            "unknown. Values beyond measured_values are extrapolated linearly."
+            "Paper: Lessage et al., Table I (Mac M1, TenSEAL 0.3.14, encryption only). "
+            "Here: the paper's method (ckks_tensor, one ciphertext per value) measured on "
+            "measured_values values and extrapolated linearly; packed TenSEAL vectors and "
+            "fedcrypt's seeded CKKS on vector_values values (scaled if fewer)."
         ),
     }
     result["table_i"] = table_one(opts, say)
     result["figures"] = figures(opts, say)
     result["side_by_side"] = side_by_side(opts, say)
-    result["goals"] = goals(result["side_by_side"])
+    result["real_aggregation"] = real_error(opts, say)
+    result["goals"] = goals(result["side_by_side"], result["real_aggregation"])
     (out / "he.json").write_text(json.dumps(result, indent=2))
     result["png"] = [str(p) for p in plot(result, out)]
     return result
@@ -584,7 +684,7 @@ def render(result: dict[str, Any], console: Any) -> None:
     """Print the benchmark's tables with rich (CLI/bench output only)."""
     from rich.table import Table
 
-    t = Table(title="Table I (stand-in configurations) — paper's method, one ciphertext per value")
+    t = Table(title="Table I (Lessage et al.) beside the same parameter sets measured here")
     for col in (
         "row",
         "bits_scale",
@@ -592,11 +692,13 @@ def render(result: dict[str, Any], console: Any) -> None:
         "number",
         "extremas",
         "values",
-        "measured",
-        "encrypt s",
-        "serialize s",
-        "bytes",
-        "peak mem",
+        "paper s",
+        "paper's method here s",
+        "ckks_vector enc s",
+        "ckks_vector enc+ser s",
+        "ckks_vector bytes",
+        "seeded (ours) enc+ser s",
+        "seeded bytes",
     ):
         t.add_column(col, justify="right")
     for r in result["table_i"]:
@@ -605,13 +707,15 @@ def render(result: dict[str, Any], console: Any) -> None:
             str(r["bits_scale"]),
             str(r["n"]),
             str(r["number"]),
-            "/".join(map(str, r["extremas"])),
+            str(r["extremas"]),
             f"{r['values']:,}",
-            f"{r['measured_values']:,}" + ("*" if r["extrapolated"] else ""),
-            _fmt(r["encrypt_s"]),
-            _fmt(r["serialize_s"]),
-            _fmt(r["bytes"], "B"),
-            _fmt(r["peak_above_bytes"], "B"),
+            _fmt(r["paper_s"]),
+            _fmt(r["encrypt_s"]) + ("*" if r["extrapolated"] else ""),
+            _fmt(r["vector_encrypt_s"]),
+            _fmt(r["vector_total_s"]),
+            _fmt(r["vector_bytes"], "B"),
+            _fmt(r["seeded_total_s"]),
+            _fmt(r["seeded_bytes"], "B"),
         )
     console.print(t)
     console.print("* measured on fewer values, extrapolated linearly. " + result["table_i_note"])
@@ -637,8 +741,9 @@ def render(result: dict[str, Any], console: Any) -> None:
         "method",
         "protect s",
         "add 10 s",
-        "decrypt s",
-        "bytes/param",
+        "unprotect s",
+        "B/param up",
+        "B/param down",
         "hospital mem",
         "server mem",
         "x protect",
@@ -652,14 +757,42 @@ def render(result: dict[str, Any], console: Any) -> None:
             _fmt(r["aggregate_s"]),
             _fmt(r["decrypt_s"]),
             _fmt(r["bytes_per_param"]),
+            _fmt(r["bytes_down_per_param"]),
             _fmt(r["hospital_peak_above_bytes"], "B"),
             _fmt(r["server_peak_above_bytes"], "B"),
             _fmt(r["protect_s_ratio"]),
             _fmt(r["bytes_per_param_ratio"]),
         )
     console.print(t)
+    console.print(
+        "B/param down: the aggregate of 10 updates (Σ c0 and the 10 seeds per ciphertext; "
+        "hospitals re-derive Σ c1 from the seeds)."
+    )
 
-    t = Table(title="Goals (issue 3)")
+    t = Table(title="One real aggregation: CNN, 3 hospitals, round 2 (calibrated)")
+    for col in (
+        "preset",
+        "largest per-tensor rel. error",
+        "tensor",
+        "max abs error",
+        "outside bound",
+        "clipped",
+        "data",
+    ):
+        t.add_column(col)
+    for e in result.get("real_aggregation", []):
+        t.add_row(
+            e["preset"],
+            f"{e['max_tensor_rel_error']:.2e}",
+            e["max_tensor_rel_error_tensor"],
+            f"{e['max_abs_error']:.2e}",
+            str(e["values_above_bound"]),
+            str(e["clipped"]),
+            e["data"],
+        )
+    console.print(t)
+
+    t = Table(title="Goals (issue 9)")
     for col in ("goal", "measured", "target", "met"):
         t.add_column(col)
     for g in result["goals"]:

@@ -32,14 +32,25 @@ def he(
             "--values", min=1, help="Update size for the side-by-side (default 2,236,000)."
         ),
     ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Folder with pneumoniamnist.npz for the real CNN aggregation "
+            "[default: ../shared/data; random images if absent].",
+        ),
+    ] = None,
 ) -> None:
-    """The seed paper's HE measurements (Table I, Figures 8 and 10) next to NVIDIA FLARE's
-    defaults and ours, for one MobileNetV2-sized update."""
+    """The seed paper's HE measurements (Table I, Figures 8 and 10) next to an NVIDIA
+    FLARE reference and ours, for one MobileNetV2-sized update, plus the error of one real
+    CNN aggregation."""
     from fedcrypt.bench.he import Options, render, run_he
 
     opts = Options.for_quick() if quick else Options()
     if values is not None:
         opts.values = values
+    if data_dir is not None:
+        opts.data_dir = str(data_dir)
     with _console.status("measuring…") as status:
         result = run_he(out, options=opts, log=lambda msg: status.update(msg))
     render(result, _console)

@@ -51,6 +51,19 @@ RoundOpt = Annotated[
     int | None,
     typer.Option("--round", "-r", help="Round number.", show_default="the current round"),
 ]
+RoundBind = Annotated[
+    int | None,
+    typer.Option(
+        "--round",
+        "-r",
+        min=0,
+        help="he: the round this message belongs to (bound into it; decrypt refuses an "
+        "aggregate of another round) [default: not bound].",
+    ),
+]
+RunBind = Annotated[
+    str, typer.Option("--run", help="he: the run or federation id bound with --round.")
+]
 
 
 def make_client(url: str, token: str | None) -> PortalClient:
@@ -791,15 +804,19 @@ def protect(
     key: Annotated[
         Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
     ] = None,
+    round_: RoundBind = None,
+    run: RunBind = "",
 ) -> None:
     """Protect a state_dict for upload (he: encrypt with the hospital key)."""
     import torch
 
-    from fedcrypt.protection.flatten import flatten
+    from fedcrypt.protection.flatten import Layout, flatten
     from fedcrypt.protection.registry import hospital_protection
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    prot = hospital_protection(cli_protection(protection), key_file=key)
+    prot = hospital_protection(cli_protection(protection), key_file=key, layout=Layout.of(state))
+    if round_ is not None and hasattr(prot, "set_round"):
+        prot.set_round(run, round_)
     out.write_bytes(prot.protect(flatten(state), num_examples=num_examples))
     console.print(f"wrote {out} ({out.stat().st_size} bytes, {protection})")
 
@@ -819,16 +836,27 @@ def decrypt(
     key: Annotated[
         Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
     ] = None,
+    round_: RoundBind = None,
+    run: RunBind = "",
 ) -> None:
-    """Decrypt an aggregate into the global model's state_dict (FedAvg mean)."""
+    """Decrypt an aggregate into the global model's state_dict (FedAvg mean).
+
+    The aggregate's integrity is verified; a corrupted, tampered or (with --round)
+    replayed aggregate is refused.
+    """
     import torch
 
     from fedcrypt.protection.flatten import Layout, unflatten
     from fedcrypt.protection.registry import hospital_protection
 
     layout = Layout.of(torch.load(like, map_location="cpu", weights_only=True))
-    prot = hospital_protection(cli_protection(protection), key_file=key)
-    result = prot.unprotect(aggregate.read_bytes())
+    prot = hospital_protection(cli_protection(protection), key_file=key, layout=layout)
+    if round_ is not None and run and hasattr(prot, "set_round"):
+        prot.set_round(run, round_)
+    blob = aggregate.read_bytes()
+    result = (
+        prot.unprotect(blob) if round_ is None else prot.unprotect(blob, round=round_)  # type: ignore[call-arg]
+    )
     torch.save(unflatten(result.mean, layout), out)
     console.print(
         f"wrote {out}: mean of {result.num_updates} updates over {result.total_examples} examples"

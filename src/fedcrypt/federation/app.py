@@ -73,6 +73,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(run_cfg.get("run-dir") or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}"))
     resume = read_checkpoint(run_dir) if str(run_cfg.get("resume", "")).lower() == "true" else None
     config = RunConfig.from_flower(run_cfg)
+    if config.run_id is None:  # the same default the SuperNodes take (client.SiteSetup)
+        config = config.model_copy(update={"run_id": f"flwr-{context.run_id}"})
     if resume is not None:
         config = resume.config.model_copy(update={"rounds": config.rounds})
     outcome = Outcome()

@@ -102,6 +102,8 @@ class SiteSetup:
         for key in ("data-dir", "task"):
             if node.get(key):
                 values[key] = node[key]
+        if not values.get("run-id"):
+            values["run-id"] = f"flwr-{context.run_id}"
         return RunConfig.from_flower(values)
 
     def drops_for(self, config: RunConfig) -> Sequence[Drop]:
@@ -245,6 +247,7 @@ def train(setup: SiteSetup, msg: Message, context: Context) -> Message:
     rnd = _round(msg)
     setup.check_online(context, server_round=rnd, stage="train")
     site = setup.site(context)
+    site.begin_round(rnd)
     base = global_for(site, msg, context, server_round=rnd)
     if base.digest:
         from fedcrypt.protection.base import AggregateResult
@@ -273,6 +276,7 @@ def evaluate(setup: SiteSetup, msg: Message, context: Context) -> Message:
     rnd = _round(msg)
     setup.check_online(context, server_round=rnd, stage="evaluate")
     site = setup.site(context)
+    site.begin_round(rnd)
     blob = blob_from(msg.content.array_records.get("arrays"))
     result, unprotect_s = site.unprotect(blob)
     hold(

@@ -164,6 +164,10 @@ def prepare_run(
     updates: dict[str, object] = {}
     if config.dp_epsilon is not None:
         updates.update(_dp_settings(config, task))
+    if config.run_id is None:
+        import secrets
+
+        updates["run_id"] = f"sim-{secrets.token_hex(8)}"
     updates |= {
         "lr": config.lr or task.lr or FALLBACK_LR,
         "model": info.model_name,

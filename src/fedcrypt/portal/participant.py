@@ -143,6 +143,7 @@ class ParticipationConfig:
             lr=chosen["lr"],
             image_size=chosen["image_size"],
             protection="plain",
+            run_id=f"portal-federation-{fed.id}",
         )
 
 
@@ -165,14 +166,16 @@ class RoundOutcome:
     global_model: str
 
 
-def _protection(fed: FederationPublic, key_file: Path | None) -> HospitalProtection:
+def _protection(
+    fed: FederationPublic, key_file: Path | None, *, layout: object = None
+) -> HospitalProtection:
     scheme = get_scheme(fed.protection)
     if scheme.key_pair and key_file is None:
         raise KeyMaterialError(
             f"this federation uses {scheme.name}: pass --key with your hospital.key "
             "(the secret key file)"
         )
-    prot = scheme.hospital_protection(key_file=key_file)
+    prot = scheme.hospital_protection(key_file=key_file, layout=layout)
     if scheme.key_pair:
         fingerprint = getattr(prot, "fingerprint", None)
         if fingerprint != fed.key_fingerprint:
@@ -240,7 +243,7 @@ def participate(
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     fed = client.federation(federation)
-    prot = _protection(fed, config.key_file)
+    _protection(fed, config.key_file)  # a missing or wrong key fails before any work
     start = _current_round(client.rounds(fed.id), fed)
 
     if fed.status == "cancelled":
@@ -254,8 +257,9 @@ def participate(
         config=run_config,
         hospital=config.client_id,
         num_hospitals=config.num_clients,
-        protection=prot,
     )
+    # the model's layout: HE quantizes tensor by tensor (integer buffers exactly)
+    site.protection = _protection(fed, config.key_file, layout=site.layout)
     if fed.model_size is not None and site.layout.size != fed.model_size:
         raise ConfigError(
             f"model {fed.model!r} on {config.task or config.dataset} has {site.layout.size} "
@@ -271,6 +275,7 @@ def participate(
     else:
         path = out_dir / f"round-{start - 1}" / "aggregate.fcry"
         client.download_aggregate(fed.id, start - 1, path)
+        site.begin_round(start - 1)
         vector = site.unprotect(path.read_bytes())[0].mean
         say(f"joined at round {start}: decrypted the aggregate of round {start - 1}")
 
@@ -280,6 +285,7 @@ def participate(
     for r in range(start, min(start + rounds, fed.num_rounds + 1)):
         rdir = out_dir / f"round-{r}"
         rdir.mkdir(parents=True, exist_ok=True)
+        site.begin_round(r)
         weights, tr = site.train_round(vector, server_round=r)
         site.save(rdir / "local.pt")
         blob, protect_s = site.protect(weights)

@@ -9,12 +9,16 @@ same model, so it never travels with the update.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
+
+#: What a tensor holds, as far as quantization cares (see :attr:`TensorSpec.kind`).
+TensorKind = Literal["weight", "bias", "bn_mean", "bn_var", "integer", "float"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,27 @@ class TensorSpec:
     dtype: torch.dtype
     offset: int
     numel: int
+
+    @property
+    def kind(self) -> TensorKind:
+        """What the tensor holds, from its dtype and its ``state_dict`` name.
+
+        ``"integer"`` for any non-floating dtype (BatchNorm's ``num_batches_tracked``
+        counter, masks); ``"bn_var"`` / ``"bn_mean"`` for the ``running_var`` /
+        ``running_mean`` buffers of PyTorch's normalisation layers (a variance is never
+        negative); ``"weight"`` / ``"bias"`` by the last name component; ``"float"`` for
+        any other floating tensor.
+        """
+        if not self.dtype.is_floating_point:
+            return "integer"
+        leaf = self.name.rsplit(".", 1)[-1]
+        if leaf == "running_var":
+            return "bn_var"
+        if leaf == "running_mean":
+            return "bn_mean"
+        if leaf in ("weight", "bias"):
+            return leaf  # type: ignore[return-value]
+        return "float"
 
 
 @dataclass(frozen=True)
@@ -57,6 +82,29 @@ class Layout:
     def names(self) -> list[str]:
         """Tensor names in order."""
         return [s.name for s in self.tensors]
+
+    def select(self, names: Iterable[str]) -> Layout:
+        """The layout of the named tensors alone, in this layout's order, packed from 0.
+
+        It describes ``vector[mask]`` where ``mask`` selects exactly those tensors (as
+        :func:`fedcrypt.protection.selective.select_layers` does).
+
+        Raises
+        ------
+        ValueError
+            If a name is not in this layout.
+        """
+        wanted = set(names)
+        unknown = wanted - set(self.names())
+        if unknown:
+            raise ValueError(f"no tensor named {sorted(unknown)[0]!r} in the layout")
+        specs: list[TensorSpec] = []
+        offset = 0
+        for t in self.tensors:
+            if t.name in wanted:
+                specs.append(TensorSpec(t.name, t.shape, t.dtype, offset, t.numel))
+                offset += t.numel
+        return Layout(tuple(specs), offset)
 
 
 def flatten(state_dict: Mapping[str, torch.Tensor]) -> NDArray[np.float64]:

@@ -103,6 +103,24 @@ def select_layers(layout: Layout, spec: str) -> NDArray[np.bool_]:
     return mask
 
 
+def selected_layout(layout: Layout, mask: NDArray[np.bool_]) -> Layout:
+    """The layout of ``vector[mask]``: the tensors ``mask`` selects, packed from 0.
+
+    Raises
+    ------
+    ConfigError
+        If ``mask`` selects part of a tensor (:func:`select_layers` never does).
+    """
+    names = []
+    for t in layout.tensors:
+        part = mask[t.offset : t.offset + t.numel]
+        if part.all():
+            names.append(t.name)
+        elif part.any():
+            raise ConfigError(f"the layer selection covers only part of tensor {t.name!r}")
+    return layout.select(names)
+
+
 def mask_digest(mask: NDArray[np.bool_]) -> str:
     """sha256 of the packed mask (both sides must use the same selection)."""
     return hashlib.sha256(np.packbits(mask).tobytes() + str(mask.size).encode()).hexdigest()
@@ -185,6 +203,19 @@ class SelectiveHospital:
         """The encrypting scheme."""
         return self._inner
 
+    @property
+    def last_clipped(self) -> int:
+        """Values the inner scheme clipped in the last :meth:`protect` (0 if it never clips)."""
+        return int(getattr(self._inner, "last_clipped", 0))
+
+    def set_round(
+        self, run_id: str, round: int, *, hospital: str | None = None, seed: int | None = None
+    ) -> None:
+        """Forward the round binding to ``inner`` (see ``BFVHospital.set_round``)."""
+        setter = getattr(self._inner, "set_round", None)
+        if setter is not None:
+            setter(run_id, round, hospital=hospital, seed=seed)
+
     def set_reference(self, mean: NDArray[np.floating] | None, *, total_examples: int) -> None:
         """Forward a global model (shape ``(P,)``) to ``inner`` for its calibration."""
         setter = getattr(self._inner, "set_reference", None)
@@ -218,8 +249,10 @@ class SelectiveHospital:
             plain=plain,
         )
 
-    def unprotect(self, aggregate: bytes) -> AggregateResult:
+    def unprotect(self, aggregate: bytes, *, round: int | None = None) -> AggregateResult:
         """Decrypt the encrypted part, divide the plaintext part, reassemble ``(P,)``.
+
+        ``round`` is passed on to ``inner`` (demand an aggregate of that round).
 
         Raises
         ------
@@ -231,7 +264,11 @@ class SelectiveHospital:
         h, inner_blob, plain = _parse(aggregate, self.wire_scheme)
         if h["mask"] != self._digest or h["size"] != self._mask.size:
             raise ProtocolError("aggregate used another layer selection than this hospital")
-        inner = self._inner.unprotect(inner_blob)
+        inner = (
+            self._inner.unprotect(inner_blob)
+            if round is None
+            else self._inner.unprotect(inner_blob, round=round)  # type: ignore[call-arg]
+        )
         n = int(h["num_examples"])
         if inner.total_examples != n or inner.mean.size != int(self._mask.sum()):
             raise DecryptionError("encrypted and plaintext parts of the aggregate disagree")

@@ -147,3 +147,18 @@ def test_packed_key_files(tmp_path: Path) -> None:
     bad = wire.pack(env.header, [b"not a key", env.sections[1]])
     with pytest.raises(KeyMaterialError):
         keys.hospital_from_bytes(bad)
+
+
+@pytest.mark.parametrize("preset", ["packed", "fast"])
+def test_contexts_load_once_per_process(preset: str) -> None:
+    """A key file's context is deserialized once; each call gets its own hospital state."""
+    from fedcrypt.protection.he import keys as he_keys
+
+    hospital_bytes, server_bytes = he_keys.generate_keys(preset)
+    a = he_keys.hospital_from_bytes(hospital_bytes)
+    b = he_keys.hospital_from_bytes(hospital_bytes)
+    assert a._ctx is b._ctx and a is not b
+    a.set_round("run", 3)
+    assert b.round_state.round == 0
+    s1, s2 = he_keys.server_from_bytes(server_bytes), he_keys.server_from_bytes(server_bytes)
+    assert s1._ctx is s2._ctx

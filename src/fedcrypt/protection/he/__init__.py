@@ -43,7 +43,10 @@ def hospital(
     encrypt_layers : str
         ``all`` or a layer selection (:mod:`fedcrypt.protection.selective`).
     layout : fedcrypt.protection.flatten.Layout, optional
-        The model layout, required when ``encrypt_layers`` is not ``all``.
+        The model layout, required when ``encrypt_layers`` is not ``all``. Give it always:
+        the packed presets then quantize each tensor on blocks of its own, send integer
+        buffers exactly and keep variances non-negative (without it the update is
+        treated as one floating tensor).
 
     Raises
     ------
@@ -54,12 +57,16 @@ def hospital(
     from fedcrypt.protection.he import keys
 
     path = _require(key_file, "hospital")
-    try:
-        inner: HospitalProtection = keys.load_hospital(path)
-    except KeyMaterialError as exc:
-        raise _named(path, exc) from None
+    mask = None
+    inner_layout = layout
     if encrypt_layers != "all":
         mask = selective.select_layers(layout, encrypt_layers)  # type: ignore[arg-type]
+        inner_layout = selective.selected_layout(layout, mask)  # type: ignore[arg-type]
+    try:
+        inner: HospitalProtection = keys.load_hospital(path, layout=inner_layout)
+    except KeyMaterialError as exc:
+        raise _named(path, exc) from None
+    if mask is not None:
         return selective.SelectiveHospital(inner, mask)
     return inner
 
@@ -93,7 +100,8 @@ def check_upload(
     Raises
     ------
     fedcrypt.exceptions.ProtocolError
-        If the header names no or another key context, or carries no ciphertext.
+        If the header names no or another key context, or carries no ciphertext. (A
+        retired format version is refused by the aggregator, naming the version.)
     """
     fingerprint = header.get("fingerprint")
     if not isinstance(fingerprint, str):

@@ -6,14 +6,23 @@ Round protocol (see ``docs/he-packing.md``):
   field per slot, fixed-point step ``2**-scale_bits``; ``num_examples * |x|`` must stay
   below :attr:`~fedcrypt.protection.he.params.HEPreset.max_weighted_abs`.
 * **Calibrated rounds**: the steps come from the global model every hospital decrypted
-  at the start of the round (:func:`~fedcrypt.protection.he.quantize.calibrated_steps`),
-  so all hospitals quantize on the same grid and ``F`` fields share a slot.
+  at the start of the round (:func:`~fedcrypt.protection.he.quantize.calibrate`), on
+  blocks that never span two tensors, so all hospitals quantize on the same grid and
+  ``F`` fields share a slot.
 
-The step table travels with every update and aggregate, encrypted deterministically
-with AES-SIV (RFC 5297) under a key derived (HKDF-SHA256, RFC 5869) from the shared
-secret key: hospitals can decode any aggregate on their own, while the server learns
-nothing about the global model's magnitudes and can still check that all updates of a
-round used the same table (equal ciphertexts).
+Integer buffers (BatchNorm's ``num_batches_tracked``) travel exactly in slots of their
+own; every ciphertext carries the example count, the update count and a keyed check
+value (:mod:`~fedcrypt.protection.he.integrity`). The quantization plan and the step
+table travel with every update and aggregate, encrypted deterministically with AES-SIV
+(RFC 5297) under a key derived (HKDF-SHA256, RFC 5869) from the shared secret key, with
+the run id, round, size and mode as associated data: hospitals decode any aggregate on
+their own, the server learns nothing about the global model's magnitudes and can still
+check that all updates of a round used the same table (equal ciphertexts).
+
+Ciphertexts are seeded (:mod:`~fedcrypt.protection.he.seal`): a hospital uploads ``c0``
+and a 64-byte seed per ciphertext; the server adds the ``c0`` and keeps every seed, and
+the aggregate carries ``Σ c0`` and the ``K`` seeds, from which each hospital re-derives
+``Σ c1`` (download ≈ upload + 64 bytes per ciphertext per extra hospital).
 """
 
 from __future__ import annotations
@@ -26,9 +35,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
 from fedcrypt.exceptions import (
@@ -40,13 +47,22 @@ from fedcrypt.exceptions import (
 )
 from fedcrypt.protection import wire
 from fedcrypt.protection.base import AggregateResult, check_update
+from fedcrypt.protection.he import framing
+from fedcrypt.protection.he.integrity import (
+    FORMAT,
+    RESERVED,
+    ModularCheck,
+    RoundState,
+    derive,
+    integrity_error,
+)
 from fedcrypt.protection.he.params import ENCODING_BFV, MODE, WIRE_SCHEME, HEPreset
 from fedcrypt.protection.he.quantize import (
     FieldPacking,
+    QuantPlan,
     StepTable,
     calibrate,
     dequantize,
-    new_rng,
     quantize,
     uniform_steps,
 )
@@ -59,44 +75,42 @@ MODE_CALIBRATION = "calibration"
 MODE_CALIBRATED = "calibrated"
 
 
-def table_key(secret_key: bytes, fingerprint: str) -> AESSIV:
-    """AES-SIV (512-bit key) for step tables, derived from the shared secret key."""
-    okm = HKDF(
-        algorithm=hashes.SHA256(),
-        length=64,
-        salt=None,
-        info=b"fedcrypt/step-table/v1|" + fingerprint.encode(),
-    ).derive(secret_key)
-    return AESSIV(okm)
-
-
 def packing_for(preset: HEPreset, mode: str) -> FieldPacking:
     """The field layout of ``mode``."""
     return preset.packing() if mode == MODE_CALIBRATED else preset.calibration_packing()
 
 
+def _table_aad(fingerprint: str, run: str, round: int, size: int, mode: str) -> list[bytes]:
+    return [
+        b"fedcrypt/step-table/v2",
+        fingerprint.encode(),
+        run.encode(),
+        str(round).encode(),
+        str(size).encode(),
+        mode.encode(),
+    ]
+
+
 @dataclass(frozen=True)
 class PackedMessage:
-    """A parsed packed update or aggregate (ciphertexts are zero-copy views)."""
+    """A parsed packed update or aggregate (sections are zero-copy views)."""
 
-    header: dict[str, Any]
-    fingerprint: str
+    common: framing.Common
     mode: str
-    size: int
-    num_examples: int
-    num_updates: int
     table: bytes
     max_examples: int
-    chunks: Sequence[bytes | memoryview]
+    c0: bytes | memoryview
+    seeds: bytes | memoryview
 
 
-def parse(blob: bytes, preset: HEPreset) -> PackedMessage:
+def parse(blob: bytes, preset: HEPreset, *, slots: int, poly_bytes: int) -> PackedMessage:
     """Parse and check a packed message against ``preset``.
 
     Raises
     ------
     ProtocolError
-        If the message is malformed or does not match the preset's layout.
+        If the message is malformed, of another format version, or does not match the
+        preset's layout.
     """
     env = wire.unpack(blob, expect_scheme=SCHEME)
     h = env.header
@@ -104,67 +118,71 @@ def parse(blob: bytes, preset: HEPreset) -> PackedMessage:
         raise ProtocolError(
             f"message encoding {h.get('encoding')!r} does not match this key ({ENCODING_BFV})"
         )
-    fp = h.get("fingerprint")
+    framing.require_format(h)
     mode = h.get("mode")
-    if not isinstance(fp, str) or mode not in (MODE_CALIBRATION, MODE_CALIBRATED):
-        raise ProtocolError("malformed packed message: bad fingerprint or mode")
+    if mode not in (MODE_CALIBRATION, MODE_CALIBRATED):
+        raise ProtocolError("malformed packed message: bad mode")
     size = wire.header_int(h, "size", minimum=1)
-    n = wire.header_int(h, "num_examples", minimum=1)
-    k = wire.header_int(h, "num_updates", minimum=1)
+    usable = slots - RESERVED
+    common = framing.read_common(h, max_ciphertexts=-(-size // usable) + 1)
     packing = packing_for(preset, mode)
     if (
-        wire.header_int(h, "slots", minimum=1) != preset.slots
+        wire.header_int(h, "slots", minimum=1) != slots
         or wire.header_int(h, "fields", minimum=1) != packing.fields
         or wire.header_int(h, "field_bits", minimum=1) != packing.field_bits
     ):
         raise ProtocolError("malformed packed message: layout does not match this key")
-    per_ct = packing.fields * preset.slots
-    if len(env.sections) != 1 + -(-size // per_ct):
+    if common.ciphertexts < -(-size // (packing.fields * usable)):
         raise ProtocolError(
-            f"malformed packed message: {len(env.sections) - 1} ciphertexts for {size} values"
+            f"malformed packed message: {common.ciphertexts} ciphertexts for {size} values"
         )
-    table = bytes(env.sections[0])
-    if (mode == MODE_CALIBRATION) != (len(table) == 0):
-        raise ProtocolError("malformed packed message: step table does not match the mode")
-    max_examples = wire.header_int(h, "max_examples", minimum=0)
-    return PackedMessage(h, fp, mode, size, n, k, table, max_examples, env.sections[1:])
+    if len(env.sections) != 3:
+        raise ProtocolError("malformed packed message: wrong number of sections")
+    table, c0, seeds = env.sections
+    framing.check_payload(c0, seeds, common, poly_bytes=poly_bytes)
+    max_examples = wire.header_int(h, "max_examples")
+    return PackedMessage(common, str(mode), bytes(table), max_examples, c0, seeds)
 
 
 def write(
     *,
     preset: HEPreset,
-    fingerprint: str,
+    common: framing.Common,
     mode: str,
-    size: int,
-    num_examples: int,
-    num_updates: int,
     table: bytes,
     max_examples: int,
-    chunks: Sequence[bytes],
+    c0: bytes,
+    seeds: bytes,
 ) -> bytes:
-    """Serialize a packed message (header, encrypted step table, ciphertexts).
+    """Serialize a packed message (header, encrypted plan and steps, ``c0``, seeds).
 
     ``max_examples`` (calibrated rounds) is the largest ``Σ n_i`` the round's grid can
     hold; the server refuses a round above it. It is ``2**growth_bits`` times the
     previous aggregate's example count, which the server already knows.
     """
     packing = packing_for(preset, mode)
-    header = {
+    header: dict[str, Any] = {
         "scheme": SCHEME,
         "encoding": ENCODING_BFV,
-        "fingerprint": fingerprint,
+        "format": FORMAT,
+        "fingerprint": common.fingerprint,
         "preset": preset.name,
         "mode": mode,
-        "size": int(size),
+        "run": common.run,
+        "round": common.round,
+        "size": common.size,
         "slots": preset.slots,
         "fields": packing.fields,
         "field_bits": packing.field_bits,
+        "ciphertexts": common.ciphertexts,
         "steps": hashlib.sha256(table).hexdigest()[:32],
         "max_examples": int(max_examples),
-        "num_examples": int(num_examples),
-        "num_updates": int(num_updates),
+        "num_examples": common.num_examples,
+        "num_updates": common.num_updates,
     }
-    return wire.pack(header, [table, *chunks])
+    if common.hospital is not None:
+        header["hospital"] = common.hospital
+    return wire.pack(header, [table, c0, seeds])
 
 
 @dataclass(frozen=True)
@@ -176,24 +194,25 @@ class EncodedUpdate:
     mode : str
         ``"calibration"`` or ``"calibrated"``.
     table : bytes
-        The encrypted step table (empty in the calibration round).
+        The encrypted plan and step table.
     max_examples : int
         The round's example capacity (0 in the calibration round).
     slots : numpy.ndarray
-        int64, shape ``(C, N)``: signed packed slots, one row per ciphertext.
+        uint64, shape ``(C, N)``: slot values reduced modulo ``t``, reserved slots filled
+        in.
     """
 
     mode: str
     table: bytes
     max_examples: int
-    slots: NDArray[np.int64]
+    slots: NDArray[np.uint64]
 
 
 class BFVHospital:
     """Hospital side of the quantized, packed BFV presets: quantize, pack, encrypt; decrypt.
 
     Holds the reference (last decrypted global model and its example count) from which
-    the next round's steps are calibrated.
+    the next round's steps are calibrated, and the round binding (:meth:`set_round`).
 
     Parameters
     ----------
@@ -204,6 +223,10 @@ class BFVHospital:
         The parameters the context was made with (``encoding="bfv-packed"``).
     fingerprint : str
         The key context's fingerprint (hex), stored in both key files.
+    layout : fedcrypt.protection.flatten.Layout, optional
+        The model's tensors: quantization blocks then never span two tensors, integer
+        buffers travel exactly and variances stay non-negative. Without it an update is
+        one floating tensor (blocks of 64 consecutive values).
 
     Raises
     ------
@@ -214,7 +237,9 @@ class BFVHospital:
     scheme = MODE
     wire_scheme = WIRE_SCHEME
 
-    def __init__(self, ctx: BFVContext, *, preset: HEPreset, fingerprint: str) -> None:
+    def __init__(
+        self, ctx: BFVContext, *, preset: HEPreset, fingerprint: str, layout: Any = None
+    ) -> None:
         if not preset.is_packed or not isinstance(ctx, BFVContext):
             raise KeyMaterialError(f"preset {preset.name!r} needs a BFV key context")
         if not ctx.is_private():
@@ -225,8 +250,12 @@ class BFVHospital:
         self._ctx = ctx
         self._preset = preset
         self._fingerprint = fingerprint
-        self._siv = table_key(ctx.secret_key_bytes(), fingerprint)
+        self._secret = ctx.secret_material()
+        self._siv = AESSIV(derive(self._secret, "step-table/v2", fingerprint, length=64))
+        self._plan = QuantPlan.of(layout) if layout is not None else None
         self._reference: tuple[NDArray[np.float64], int] | None = None
+        self._state = RoundState()
+        self._last: tuple[str, AggregateResult] | None = None
         self.last_clipped = 0
 
     @property
@@ -243,6 +272,42 @@ class BFVHospital:
     def context(self) -> BFVContext:
         """The private BFV context (benchmarks time its encryption apart)."""
         return self._ctx
+
+    @property
+    def round_state(self) -> RoundState:
+        """The current run, round and replay state (read-only use)."""
+        return self._state
+
+    def set_round(
+        self, run_id: str, round: int, *, hospital: str | None = None, seed: int | None = None
+    ) -> None:
+        """Bind the next updates to ``run_id`` and ``round``, and enforce them on aggregates.
+
+        ``protect`` writes the round and run into the update (header, the step table's
+        associated data, the check values). ``unprotect`` then refuses an aggregate of
+        another run, of a round after ``round``, or older than the last aggregate this
+        hospital decrypted (a replay); pass ``unprotect(blob, round=r)`` to demand one
+        round.
+
+        Parameters
+        ----------
+        run_id : str
+            The run's or federation's identity (at most 128 printable characters).
+        round : int
+            The round being played (>= 0).
+        hospital : str, optional
+            This hospital's label (errors name it; it must be unique in the run).
+        seed : int, optional
+            Makes stochastic rounding reproducible: its noise comes from HKDF(secret key;
+            run, round, hospital, seed), so runs with the same seed are identical and the
+            server still cannot predict it. Needs ``hospital``.
+
+        Raises
+        ------
+        ConfigError
+            If an argument is invalid.
+        """
+        self._state.set(run_id, round, hospital=hospital, seed=seed)
 
     def set_reference(self, mean: NDArray[np.floating] | None, *, total_examples: int) -> None:
         """Calibrate the next updates' steps on ``mean`` (the current global model).
@@ -263,8 +328,21 @@ class BFVHospital:
         """Whether the next update uses calibrated (packed) steps."""
         return self._reference is not None
 
-    def _aad(self, size: int) -> list[bytes]:
-        return [b"fedcrypt/step-table", self._fingerprint.encode(), str(size).encode()]
+    def _plan_for(self, size: int) -> QuantPlan:
+        if self._plan is None:
+            return QuantPlan.flat(size)
+        if self._plan.size != size:
+            raise ValueError(f"update has {size} values, the model layout {self._plan.size}")
+        return self._plan
+
+    def _check_values(self, round: int, run: str, ciphertexts: int) -> ModularCheck:
+        key = derive(self._secret, "bfv-check/v2", self._fingerprint, run, round)
+        return ModularCheck(
+            key,
+            plain_modulus=self._ctx.plain_modulus,
+            slots=self._preset.slots,
+            ciphertexts=ciphertexts,
+        )
 
     def protect(self, update: NDArray[np.floating], *, num_examples: int) -> bytes:
         """Quantize, pack and encrypt ``num_examples * update``.
@@ -279,42 +357,63 @@ class BFVHospital:
         Returns
         -------
         bytes
-            A ``wire`` envelope: header (scheme, encoding, mode, fingerprint, size,
-            counts, the encrypted step table) and the serialized BFV ciphertexts.
+            A ``wire`` envelope: header (scheme, encoding, format 2, mode, fingerprint,
+            run, round, size, counts), the encrypted plan and step table, the ``c0``
+            polynomials and the seeds.
 
         Raises
         ------
         ValueError
-            If ``update`` is not 1-D and finite, or ``num_examples`` < 1.
+            If ``update`` is not 1-D and finite, ``num_examples`` < 1, or the update's
+            size differs from the layout's or the calibrated reference's.
         ConfigError
             In the calibration round, if ``max |weighted|`` exceeds the preset's range;
-            in calibrated rounds, if ``num_examples`` exceeds the round's capacity.
-        ValueError
-            If the update's size differs from the calibrated reference's.
+            in calibrated rounds, if ``num_examples`` exceeds the round's capacity; if an
+            integer buffer times ``num_examples`` exceeds its exact range.
         """
         weighted = check_update(update, num_examples) * float(num_examples)
         enc = self.encode(weighted, num_examples=num_examples)
-        chunks = [self._ctx.encrypt(row) for row in enc.slots]
+        sealed = self._ctx.encrypt(enc.slots)
+        st = self._state
+        common = framing.Common(
+            fingerprint=self._fingerprint,
+            run=st.run_id,
+            round=st.round,
+            size=weighted.size,
+            num_examples=int(num_examples),
+            num_updates=1,
+            ciphertexts=enc.slots.shape[0],
+            hospital=st.hospital,
+        )
         return write(
             preset=self._preset,
-            fingerprint=self._fingerprint,
+            common=common,
             mode=enc.mode,
-            size=weighted.size,
-            num_examples=num_examples,
-            num_updates=1,
             table=enc.table,
             max_examples=enc.max_examples,
-            chunks=chunks,
+            c0=self._ctx.word_format.pack(sealed.c0),
+            seeds=sealed.seeds.tobytes(),
         )
 
     def encode(self, weighted: NDArray[np.float64], *, num_examples: int) -> EncodedUpdate:
         """Quantize and pack (no encryption); see :meth:`protect`."""
         preset = self._preset
+        st = self._state
+        plan = self._plan_for(weighted.size)
+        qidx, xidx = plan.quantized_index, plan.exact_index
+        values = weighted if xidx.size == 0 else weighted[qidx]
+        t = self._ctx.plain_modulus
+        exact = np.rint(weighted[xidx]).astype(np.int64)
+        limit = (t // 2 - 1) // preset.max_hospitals
+        if exact.size and int(np.abs(exact).max()) > limit:
+            raise ConfigError(
+                f"num_examples x an integer buffer reaches {int(np.abs(exact).max())}, above "
+                f"the exact range of {limit} per hospital"
+            )
         if self._reference is None:
             mode = MODE_CALIBRATION
-            packing = preset.calibration_packing()
             steps = uniform_steps(preset.scale_bits)
-            peak = float(np.max(np.abs(weighted)))
+            peak = float(np.max(np.abs(values))) if values.size else 0.0
             if peak > preset.max_weighted_abs:
                 raise ConfigError(
                     f"num_examples * |update| reaches {peak:.3g}, above the {preset.name!r} "
@@ -322,11 +421,9 @@ class BFVHospital:
                     "hospital; use a preset with fewer scale_bits"
                 )
             clip = float(preset.calibration_limit - 1)
-            table = b""
             max_examples = 0
         else:
             mode = MODE_CALIBRATED
-            packing = preset.packing()
             ref, m = self._reference
             if ref.size != weighted.size:
                 raise ValueError(
@@ -334,9 +431,10 @@ class BFVHospital:
                     f"on has {ref.size}"
                 )
             cal = calibrate(
-                ref,
+                ref if xidx.size == 0 else ref[qidx],
+                block_lengths=plan.block_lengths,
                 reference_examples=m,
-                packing=packing,
+                packing=preset.packing(),
                 margin_bits=preset.margin_bits,
                 growth_bits=preset.growth_bits,
                 max_hospitals=preset.max_hospitals,
@@ -349,9 +447,13 @@ class BFVHospital:
                 )
             steps = cal.steps
             clip = num_examples * cal.clip_per_example
-            table = self._siv.encrypt(steps.to_bytes(), self._aad(weighted.size))
             max_examples = cal.max_examples
-        q = quantize(weighted, steps, clip=clip, rng=new_rng())
+        packing = packing_for(preset, mode)
+        table = self._siv.encrypt(
+            plan.to_bytes() + steps.to_bytes(),
+            _table_aad(self._fingerprint, st.run_id, st.round, weighted.size, mode),
+        )
+        q = quantize(values, steps, clip=clip, rng=st.rng(self._secret, self._fingerprint))
         self.last_clipped = q.clipped
         if q.clipped:
             logger.warning(
@@ -362,54 +464,142 @@ class BFVHospital:
                 100.0 * q.clipped / weighted.size,
                 preset.margin_bits,
             )
-        return EncodedUpdate(mode, table, max_examples, packing.pack(q.ints, preset.slots))
+        data = packing.pack(q.ints)
+        layout = framing.SlotLayout(preset.slots, exact.size, data.size)
+        grid = layout.place(exact, data, count=num_examples, updates=1)
+        np.mod(grid, t, out=grid)
+        slots = grid.view(np.uint64)  # reduced: in [0, t)
+        tags = self._check_values(st.round, st.run_id, grid.shape[0]).tags(slots)
+        slots[:, -1] = np.asarray(tags, dtype=np.uint64)
+        return EncodedUpdate(mode, table, max_examples, slots)
 
-    def unprotect(self, blob: bytes) -> AggregateResult:
-        """Decrypt an aggregate and divide by the total example count.
+    def unprotect(self, aggregate: bytes, *, round: int | None = None) -> AggregateResult:
+        """Decrypt an aggregate, verify it, and divide by the total example count.
 
-        Also makes the result the reference for the next round's steps.
+        Also makes the result the reference for the next round's steps. Decrypting the
+        same aggregate again returns the cached result.
+
+        Parameters
+        ----------
+        aggregate : bytes
+            The server's aggregate.
+        round : int, optional
+            Demand an aggregate of exactly this round (default: any round allowed by
+            :meth:`set_round`'s rules).
 
         Raises
         ------
         ProtocolError
-            If the aggregate is malformed.
+            If the aggregate is malformed or of an older format version.
         DecryptionError
-            If it belongs to another key context, its step table fails authentication,
-            or its fields are out of range (corrupted, or more than ``max_hospitals``).
+            If it belongs to another key context.
+        fedcrypt.exceptions.ReplayError
+            If it belongs to another run or round (see :meth:`set_round`).
+        fedcrypt.exceptions.IntegrityError
+            If its step table fails authentication, a ciphertext fails its check value,
+            the counts inside disagree with the header, or a field is out of range
+            (corrupted, tampered with, or more than ``max_hospitals`` updates).
         """
-        msg = parse(blob, self._preset)
-        if msg.fingerprint != self._fingerprint:
+        wf = self._ctx.word_format
+        msg = parse(aggregate, self._preset, slots=self._preset.slots, poly_bytes=wf.poly_bytes)
+        common = msg.common
+        if common.fingerprint != self._fingerprint:
             raise DecryptionError(
                 "aggregate was encrypted under another key context "
-                f"(fingerprint {msg.fingerprint[:16]}…, this hospital's key is "
+                f"(fingerprint {common.fingerprint[:16]}…, this hospital's key is "
                 f"{self._fingerprint[:16]}…)"
             )
-        if msg.mode == MODE_CALIBRATED:
-            try:
-                raw = self._siv.decrypt(msg.table, self._aad(msg.size))
-                steps = StepTable.from_bytes(raw, size=msg.size)
-            except (InvalidTag, ValueError) as exc:
-                raise DecryptionError("the aggregate's step table fails authentication") from exc
-        else:
-            steps = uniform_steps(self._preset.scale_bits)
-        packing = packing_for(self._preset, msg.mode)
-        t = self._ctx.plain_modulus
-        rows = np.empty((len(msg.chunks), self._preset.slots), dtype=np.int64)
-        for i, data in enumerate(msg.chunks):
-            u = self._ctx.decrypt(self._ctx.load(data))
-            rows[i] = np.where(u > t // 2, u.astype(np.int64) - t, u.astype(np.int64))
+        self._state.accept(common.run, common.round, expect_round=round)
+        digest = hashlib.sha256(aggregate).hexdigest()
+        if self._last is not None and self._last[0] == digest:
+            return self._last[1]
+        r = common.round
         try:
-            ints = packing.unpack(rows, size=msg.size)
-        except ValueError as exc:
-            raise DecryptionError(
-                f"decrypted aggregate is out of range ({exc}): corrupted data or a sum of "
-                f"more than {self._preset.max_hospitals} updates"
+            raw = self._siv.decrypt(
+                msg.table, _table_aad(self._fingerprint, common.run, r, common.size, msg.mode)
+            )
+            plan, rest = QuantPlan.from_bytes(raw, size=common.size)
+            if msg.mode == MODE_CALIBRATED:
+                steps = StepTable.from_bytes(rest, plan=plan)
+            elif rest:
+                raise ValueError("a calibration-round table holds no steps")
+            else:
+                steps = uniform_steps(self._preset.scale_bits)
+        except (InvalidTag, ValueError) as exc:
+            raise integrity_error(
+                "the aggregate's step table fails authentication (tampered with, or not of "
+                f"run {common.run!r} round {r})",
+                round=r,
             ) from exc
-        mean = dequantize(ints, steps) / msg.num_examples
-        self.set_reference(mean, total_examples=msg.num_examples)
-        return AggregateResult(
-            mean=mean, total_examples=msg.num_examples, num_updates=msg.num_updates
+        packing = packing_for(self._preset, msg.mode)
+        qidx, xidx = plan.quantized_index, plan.exact_index
+        layout = framing.SlotLayout(self._preset.slots, xidx.size, packing.slots_for(qidx.size))
+        if layout.ciphertexts != common.ciphertexts:
+            raise integrity_error(
+                f"the aggregate has {common.ciphertexts} ciphertexts, its plan needs "
+                f"{layout.ciphertexts}",
+                round=r,
+            )
+        try:
+            sealed = framing.sealed_of(msg.c0, msg.seeds, common, wf)
+        except ValueError as exc:
+            raise integrity_error(f"the aggregate is corrupted ({exc})", round=r) from exc
+        rows = self._ctx.decrypt(sealed)
+        self._verify(rows, common)
+        t = self._ctx.plain_modulus
+        signed = np.where(
+            rows > np.uint64(t // 2), rows.astype(np.int64) - t, rows.astype(np.int64)
         )
+        exact, data = layout.split(signed)
+        try:
+            ints = packing.unpack(data, size=qidx.size)
+        except ValueError as exc:
+            raise integrity_error(
+                f"the decrypted aggregate is out of range ({exc}): corrupted data or a sum "
+                f"of more than {self._preset.max_hospitals} updates",
+                round=r,
+            ) from exc
+        n = common.num_examples
+        if xidx.size:
+            mean = np.empty(common.size, dtype=np.float64)
+            mean[qidx] = dequantize(ints, steps)
+            mean[xidx] = exact
+        else:
+            mean = dequantize(ints, steps)
+        mean /= n
+        var = plan.variance_index
+        if var.size:  # a no-op in exact arithmetic: SR of y >= 0 is >= 0 at every hospital
+            mean[var] = np.maximum(mean[var], 0.0)
+        self.set_reference(mean, total_examples=n)
+        self._state.accepted(r)
+        result = AggregateResult(mean=mean, total_examples=n, num_updates=common.num_updates)
+        self._last = (digest, result)
+        return result
+
+    def _verify(self, rows: NDArray[np.uint64], common: framing.Common) -> None:
+        """Check values, then the counts inside every ciphertext, against the header."""
+        r = common.round
+        tags = self._check_values(r, common.run, rows.shape[0]).tags(rows)
+        bad = [j for j, (a, b) in enumerate(zip(tags, rows[:, -1].tolist(), strict=True)) if a != b]
+        if bad:
+            raise integrity_error(
+                f"{len(bad)} of {rows.shape[0]} ciphertexts of the aggregate of "
+                f"{common.num_updates} updates fail their check value (first: ciphertext "
+                f"{bad[0]}): corrupted or tampered with after encryption, not of run "
+                f"{common.run!r} round {r}, or summed beyond the noise budget",
+                round=r,
+            )
+        counts = rows[:, -3]
+        updates = rows[:, -2]
+        if np.any(counts != np.uint64(common.num_examples)) or np.any(
+            updates != np.uint64(common.num_updates)
+        ):
+            raise integrity_error(
+                f"the counts inside the ciphertexts ({int(counts[0])} examples, "
+                f"{int(updates[0])} updates) disagree with the header "
+                f"({common.num_examples} examples, {common.num_updates} updates)",
+                round=r,
+            )
 
 
 class BFVAggregator:
@@ -457,42 +647,50 @@ class BFVAggregator:
         return self._preset
 
     def aggregate(self, updates: Sequence[bytes]) -> bytes:
-        """Add packed updates ciphertext by ciphertext, chunk by chunk (depth 0).
+        """Add packed updates: ``c0`` polynomials modulo each prime, seeds kept (depth 0).
 
         Raises
         ------
         AggregationError
             If ``updates`` is empty, exceeds ``max_hospitals``, comes from another key
-            context, or the updates differ in size, mode or step table.
+            context, or the updates differ in size, round, mode or step table.
         ProtocolError
-            If an update is malformed or a ciphertext does not deserialize.
+            If an update is malformed or a coefficient is out of range.
         """
-        ctx, preset, fingerprint = self._ctx, self._preset, self._fingerprint
+        preset, fingerprint = self._preset, self._fingerprint
+        wf = self._ctx.word_format
         if not updates:
             raise AggregationError("no updates to aggregate")
-        msgs = [parse(blob, preset) for blob in updates]
+        msgs = [
+            parse(blob, preset, slots=preset.slots, poly_bytes=wf.poly_bytes) for blob in updates
+        ]
         first = msgs[0]
         for i, m in enumerate(msgs):
-            if m.fingerprint != fingerprint:
+            c = m.common
+            if c.fingerprint != fingerprint:
                 raise AggregationError(
-                    f"update {i} was encrypted under another key context (fingerprint "
-                    f"{m.fingerprint[:16]}…, server key {fingerprint[:16]}…)"
+                    f"{framing.who(i, c)} was encrypted under another key context "
+                    f"(fingerprint {c.fingerprint[:16]}…, server key {fingerprint[:16]}…)"
                 )
-            if m.size != first.size:
+            if c.size != first.common.size:
                 raise AggregationError(
-                    f"update sizes differ: {m.size} values vs {first.size} values"
+                    f"update sizes differ: {c.size} values vs {first.common.size} values"
                 )
+        framing.check_same_round([m.common for m in msgs])
+        for i, m in enumerate(msgs):
             if (
                 m.mode != first.mode
                 or m.table != first.table
                 or m.max_examples != first.max_examples
+                or m.common.ciphertexts != first.common.ciphertexts
             ):
                 raise AggregationError(
-                    "updates were quantized on different grids (hospitals calibrated on "
-                    "different global models, or some skipped the calibration round)"
+                    f"{framing.who(i, m.common)} was quantized on a different grid (hospitals "
+                    "calibrated on different global models, or some skipped the calibration "
+                    "round)"
                 )
-        k_total = sum(m.num_updates for m in msgs)
-        n_total = sum(m.num_examples for m in msgs)
+        k_total = sum(m.common.num_updates for m in msgs)
+        n_total = sum(m.common.num_examples for m in msgs)
         if first.mode == MODE_CALIBRATED and n_total > first.max_examples:
             raise AggregationError(
                 f"the round's {n_total} examples exceed the {first.max_examples} its "
@@ -503,20 +701,24 @@ class BFVAggregator:
                 f"{k_total} updates exceed the {preset.name!r} preset's limit of "
                 f"{preset.max_hospitals} hospitals per aggregate (carry headroom)"
             )
-        out: list[bytes] = []
-        for j in range(len(first.chunks)):
-            acc = ctx.load(first.chunks[j])
-            for m in msgs[1:]:
-                ctx.add_inplace(acc, ctx.load(m.chunks[j]))
-            out.append(ctx.dump(acc))
-        return write(
-            preset=preset,
+        c0, seeds = framing.add_ciphertexts([(m.c0, m.seeds, m.common) for m in msgs], wf)
+        fc = first.common
+        common = framing.Common(
             fingerprint=fingerprint,
-            mode=first.mode,
-            size=first.size,
+            run=fc.run,
+            round=fc.round,
+            size=fc.size,
             num_examples=n_total,
             num_updates=k_total,
+            ciphertexts=fc.ciphertexts,
+            hospital=None,
+        )
+        return write(
+            preset=preset,
+            common=common,
+            mode=first.mode,
             table=first.table,
             max_examples=first.max_examples,
-            chunks=out,
+            c0=c0,
+            seeds=seeds,
         )

@@ -1,13 +1,19 @@
-"""Float CKKS (TenSEAL ``ckks_vector``, ``N/2`` float slots per ciphertext) for mode ``he``.
+"""Float CKKS (``N/2`` real slots per ciphertext, seeded symmetric ciphertexts) for mode ``he``.
 
 Single-key (threshold-free): every hospital holds the same secret key, the server a
 context without it and only adds ciphertexts (Cheon et al. 2017, "Homomorphic
-Encryption for Arithmetic of Approximate Numbers"). The quantized, packed BFV presets
-are :mod:`fedcrypt.protection.he.bfv`.
+Encryption for Arithmetic of Approximate Numbers"). Key files hold TenSEAL contexts; the
+encoding and the seeded encryption go through SEAL itself
+(:class:`~fedcrypt.protection.he.seal.CKKSContext`), which halves the ciphertexts
+(TenSEAL's ``ckks_vector`` does not keep seeds). Every ciphertext carries the example
+count, the update count and a keyed check value
+(:mod:`~fedcrypt.protection.he.integrity`). The quantized, packed BFV presets are
+:mod:`fedcrypt.protection.he.bfv`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,11 +32,23 @@ from fedcrypt.exceptions import (
 )
 from fedcrypt.protection import wire
 from fedcrypt.protection.base import AggregateResult, check_update
+from fedcrypt.protection.he import framing
+from fedcrypt.protection.he.bounds import ckks_slot_error
+from fedcrypt.protection.he.integrity import (
+    FORMAT,
+    RESERVED,
+    FloatCheck,
+    RoundState,
+    derive,
+    float_tolerance,
+    integrity_error,
+)
 from fedcrypt.protection.he.params import ENCODING_CKKS as ENCODING_FLOAT
 from fedcrypt.protection.he.params import MODE, WIRE_SCHEME, HEPreset
+from fedcrypt.protection.he.quantize import QuantPlan
+from fedcrypt.protection.he.seal import CKKSContext, WordFormat, public_word_format
 
 logger = logging.getLogger(__name__)
-
 
 SCHEME = WIRE_SCHEME
 
@@ -64,86 +82,62 @@ def public_bytes(ctx: ts.Context) -> bytes:
     )
 
 
-def _header_str(header: dict[str, Any], key: str) -> str:
-    value = header.get(key)
-    if not isinstance(value, str):
-        raise ProtocolError(f"malformed ckks message: header field {key!r} is invalid")
-    return value
-
-
 @dataclass(frozen=True)
 class _Parsed:
-    """A parsed ckks message (sections are zero-copy views)."""
+    """A parsed CKKS message (sections are zero-copy views)."""
 
-    fingerprint: str
-    size: int
-    num_examples: int
-    num_updates: int
-    chunks: Sequence[bytes | memoryview]
+    common: framing.Common
+    c0: bytes | memoryview
+    seeds: bytes | memoryview
 
 
-def _parse(blob: bytes, preset: HEPreset) -> _Parsed:
+def _parse(blob: bytes, preset: HEPreset, fmt: WordFormat) -> _Parsed:
     env = wire.unpack(blob, expect_scheme=SCHEME)
     h = env.header
-    encoding = _header_str(h, "encoding")
+    encoding = framing.header_str(h, "encoding")
     if encoding != ENCODING_FLOAT:
         raise ProtocolError(f"unsupported ckks encoding {encoding!r}")
-    fingerprint = _header_str(h, "fingerprint")
+    framing.require_format(h)
     size = wire.header_int(h, "size", minimum=1)
     slots = wire.header_int(h, "slots", minimum=1)
-    n = wire.header_int(h, "num_examples", minimum=1)
-    k = wire.header_int(h, "num_updates", minimum=1)
     if slots != preset.slots:
         raise ProtocolError(
             f"malformed ckks message: {slots} slots per ciphertext, this key has {preset.slots}"
         )
-    if len(env.sections) != -(-size // slots):
+    if wire.header_int(h, "scale_bits", minimum=1) != preset.scale_bits:
+        raise ProtocolError("malformed ckks message: its scale does not match this key")
+    usable = slots - RESERVED
+    common = framing.read_common(h, max_ciphertexts=-(-size // usable))
+    if common.ciphertexts != -(-size // usable):
         raise ProtocolError(
-            f"malformed ckks message: {len(env.sections)} ciphertexts for {size} values"
+            f"malformed ckks message: {common.ciphertexts} ciphertexts for {size} values"
         )
-    return _Parsed(fingerprint, size, n, k, env.sections)
+    if len(env.sections) != 2:
+        raise ProtocolError("malformed ckks message: wrong number of sections")
+    c0, seeds = env.sections
+    framing.check_payload(c0, seeds, common, poly_bytes=fmt.poly_bytes)
+    return _Parsed(common, c0, seeds)
 
 
-def _write(
-    *,
-    fingerprint: str,
-    preset: HEPreset,
-    size: int,
-    num_examples: int,
-    num_updates: int,
-    chunks: Sequence[bytes],
-) -> bytes:
-    header = {
+def _write(*, preset: HEPreset, common: framing.Common, c0: bytes, seeds: bytes) -> bytes:
+    header: dict[str, Any] = {
         "scheme": SCHEME,
         "encoding": ENCODING_FLOAT,
-        "fingerprint": fingerprint,
+        "format": FORMAT,
+        "fingerprint": common.fingerprint,
         "preset": preset.name,
-        "size": int(size),
+        "run": common.run,
+        "round": common.round,
+        "size": common.size,
         "slots": preset.slots,
         "scale_bits": preset.scale_bits,
-        "num_examples": int(num_examples),
-        "num_updates": int(num_updates),
+        "ciphertexts": common.ciphertexts,
+        "num_examples": common.num_examples,
+        "num_updates": common.num_updates,
     }
-    return wire.pack(header, chunks)
-
-
-def _load_vector(ctx: ts.Context, data: bytes | memoryview, expected: int) -> ts.CKKSVector:
-    try:
-        vec = ts.ckks_vector_from(ctx, bytes(data))
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise ProtocolError(
-            f"ciphertext does not deserialize under this key context: {exc}"
-        ) from exc
-    if vec.size() != expected:
-        raise ProtocolError(
-            f"malformed ckks message: ciphertext holds {vec.size()} values, expected {expected}"
-        )
-    return vec
-
-
-def _chunk_lengths(size: int, slots: int) -> list[int]:
-    full, rest = divmod(size, slots)
-    return [slots] * full + ([rest] if rest else [])
+    if common.hospital is not None:
+        header["hospital"] = common.hospital
+    return wire.pack(header, [c0, seeds])
 
 
 class CKKSHospital:
@@ -158,6 +152,9 @@ class CKKSHospital:
         The parameters the context was made with (``encoding="ckks-float"``).
     fingerprint : str
         The key context's fingerprint (hex), stored in both key files.
+    layout : fedcrypt.protection.flatten.Layout, optional
+        The model's tensors: decrypted ``running_var`` values are clamped at 0 (CKKS
+        noise could otherwise take a zero variance below 0).
 
     Raises
     ------
@@ -168,7 +165,9 @@ class CKKSHospital:
     scheme = MODE
     wire_scheme = WIRE_SCHEME
 
-    def __init__(self, context: ts.Context, *, preset: HEPreset, fingerprint: str) -> None:
+    def __init__(
+        self, context: ts.Context, *, preset: HEPreset, fingerprint: str, layout: Any = None
+    ) -> None:
         if preset.is_packed or not isinstance(context, ts.Context):
             raise KeyMaterialError(f"preset {preset.name!r} needs a CKKS key context")
         if not context.is_private():
@@ -178,8 +177,13 @@ class CKKSHospital:
             )
         context.global_scale = float(2**preset.scale_bits)
         self._ctx = context
+        self._seal = CKKSContext(context, scale_bits=preset.scale_bits)
+        self._secret = self._seal.secret_material()
         self._preset = preset
         self._fingerprint = fingerprint
+        self._plan = QuantPlan.of(layout) if layout is not None else None
+        self._state = RoundState()
+        self._last: tuple[str, AggregateResult] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -192,15 +196,60 @@ class CKKSHospital:
         return self._preset
 
     @property
+    def context(self) -> CKKSContext:
+        """The SEAL CKKS context (benchmarks time its encryption apart)."""
+        return self._seal
+
+    @property
+    def round_state(self) -> RoundState:
+        """The current run, round and replay state (read-only use)."""
+        return self._state
+
+    @property
     def last_clipped(self) -> int:
         """Values clipped by the last :meth:`protect`: always 0 (float CKKS does not clip)."""
         return 0
 
+    def set_round(
+        self, run_id: str, round: int, *, hospital: str | None = None, seed: int | None = None
+    ) -> None:
+        """Bind the next updates to ``run_id`` and ``round``; see
+        :meth:`fedcrypt.protection.he.bfv.BFVHospital.set_round` (``seed`` has no effect:
+        float CKKS does not round stochastically)."""
+        self._state.set(run_id, round, hospital=hospital, seed=seed)
+
     def set_reference(self, mean: NDArray[np.floating] | None, *, total_examples: int) -> None:
         """No-op: float CKKS needs no calibration (present for the common interface)."""
 
+    def _check(self, run: str, round: int, ciphertexts: int) -> FloatCheck:
+        key = derive(self._secret, "ckks-check/v2", self._fingerprint, run, round)
+        return FloatCheck(key, slots=self._preset.slots, ciphertexts=ciphertexts)
+
+    def encode(self, weighted: NDArray[np.float64], *, num_examples: int) -> NDArray[np.float64]:
+        """The ``(C, N/2)`` slot grid of a weighted update, reserved slots filled in.
+
+        Raises
+        ------
+        ConfigError
+            If a slot (value, count or check) exceeds the preset's per-hospital range
+            (:attr:`HEPreset.max_weighted_abs`), which would wrap around the modulus.
+        """
+        st = self._state
+        layout = framing.SlotLayout(self._preset.slots, 0, weighted.size)
+        grid = layout.place(np.zeros(0), weighted, count=num_examples, updates=1)
+        grid[:, -1] = self._check(st.run_id, st.round, grid.shape[0]).tags(grid[:, :-1])
+        peak = float(np.max(np.abs(grid)))
+        if peak > self._preset.max_weighted_abs:
+            raise ConfigError(
+                f"num_examples * |update| (or its check value) reaches {peak:.3g}, above the "
+                f"{self._preset.name!r} preset's capacity of "
+                f"{self._preset.max_weighted_abs:.3g} per hospital (for "
+                f"{self._preset.max_hospitals} hospitals); use a preset with a smaller scale"
+            )
+        return grid
+
     def protect(self, update: NDArray[np.floating], *, num_examples: int) -> bytes:
-        """Encrypt ``num_examples * update`` in packed ciphertexts of ``N/2`` float slots.
+        """Encrypt ``num_examples * update`` in seeded ciphertexts of ``N/2`` float slots.
 
         Parameters
         ----------
@@ -212,43 +261,48 @@ class CKKSHospital:
         Returns
         -------
         bytes
-            A ``wire`` envelope: header (scheme, encoding, fingerprint, size, counts)
-            and the serialized ciphertexts.
+            A ``wire`` envelope: header (scheme, encoding, format 2, fingerprint, run,
+            round, size, counts), the ``c0`` polynomials and the seeds.
 
         Raises
         ------
         ValueError
             If ``update`` is not 1-D and finite, or ``num_examples`` < 1.
         ConfigError
-            If ``num_examples * max|update|`` exceeds the preset's per-hospital range
-            (:attr:`HEPreset.max_weighted_abs`), which would wrap around the modulus.
+            If ``num_examples * max|update|`` exceeds the preset's per-hospital range.
         """
-        vec = check_update(update, num_examples)
-        weighted = vec * float(num_examples)
-        peak = float(np.max(np.abs(weighted)))
-        if peak > self._preset.max_weighted_abs:
-            raise ConfigError(
-                f"num_examples * |update| reaches {peak:.3g}, above the {self._preset.name!r} "
-                f"preset's capacity of {self._preset.max_weighted_abs:.3g} per hospital "
-                f"(for {self._preset.max_hospitals} hospitals); use a preset with a "
-                "smaller scale"
-            )
-        slots = self._preset.slots
-        chunks = [
-            ts.ckks_vector(self._ctx, weighted[i : i + slots]).serialize()
-            for i in range(0, weighted.size, slots)
-        ]
-        return _write(
+        weighted = check_update(update, num_examples) * float(num_examples)
+        grid = self.encode(weighted, num_examples=num_examples)
+        sealed = self._seal.encrypt(grid)
+        st = self._state
+        common = framing.Common(
             fingerprint=self._fingerprint,
-            preset=self._preset,
+            run=st.run_id,
+            round=st.round,
             size=weighted.size,
-            num_examples=num_examples,
+            num_examples=int(num_examples),
             num_updates=1,
-            chunks=chunks,
+            ciphertexts=grid.shape[0],
+            hospital=st.hospital,
+        )
+        return _write(
+            preset=self._preset,
+            common=common,
+            c0=self._seal.word_format.pack(sealed.c0),
+            seeds=sealed.seeds.tobytes(),
         )
 
-    def unprotect(self, aggregate: bytes) -> AggregateResult:
-        """Decrypt an aggregate and divide by the total example count.
+    def unprotect(self, aggregate: bytes, *, round: int | None = None) -> AggregateResult:
+        """Decrypt an aggregate, verify it, and divide by the total example count.
+
+        Decrypting the same aggregate again returns the cached result.
+
+        Parameters
+        ----------
+        aggregate : bytes
+            The server's aggregate.
+        round : int, optional
+            Demand an aggregate of exactly this round.
 
         Returns
         -------
@@ -258,32 +312,77 @@ class CKKSHospital:
         Raises
         ------
         ProtocolError
-            If ``aggregate`` is malformed.
+            If ``aggregate`` is malformed or of an older format version.
         DecryptionError
             If it was encrypted under another key context or does not decrypt.
+        fedcrypt.exceptions.ReplayError
+            If it belongs to another run or round.
+        fedcrypt.exceptions.IntegrityError
+            If a check value misses its bound or the counts inside disagree with the
+            header (corrupted or tampered with).
         """
-        msg = _parse(aggregate, self._preset)
-        if msg.fingerprint != self._fingerprint:
+        wf = self._seal.word_format
+        msg = _parse(aggregate, self._preset, wf)
+        common = msg.common
+        if common.fingerprint != self._fingerprint:
             raise DecryptionError(
                 "aggregate was encrypted under another key context "
-                f"(fingerprint {msg.fingerprint[:16]}…, this hospital's key is "
+                f"(fingerprint {common.fingerprint[:16]}…, this hospital's key is "
                 f"{self._fingerprint[:16]}…)"
             )
-        out = np.empty(msg.size, dtype=np.float64)
-        pos = 0
-        lengths = _chunk_lengths(msg.size, self._preset.slots)
-        for data, length in zip(msg.chunks, lengths, strict=True):
-            vec = _load_vector(self._ctx, data, length)
-            try:
-                out[pos : pos + length] = vec.decrypt()
-            except (ValueError, RuntimeError) as exc:
-                raise DecryptionError(f"ciphertext does not decrypt: {exc}") from exc
-            pos += length
-        return AggregateResult(
-            mean=out / msg.num_examples,
-            total_examples=msg.num_examples,
-            num_updates=msg.num_updates,
+        self._state.accept(common.run, common.round, expect_round=round)
+        digest = hashlib.sha256(aggregate).hexdigest()
+        if self._last is not None and self._last[0] == digest:
+            return self._last[1]
+        r = common.round
+        try:
+            sealed = framing.sealed_of(msg.c0, msg.seeds, common, wf)
+        except ValueError as exc:
+            raise integrity_error(f"the aggregate is corrupted ({exc})", round=r) from exc
+        rows = self._seal.decrypt(sealed)
+        self._verify(rows, common)
+        layout = framing.SlotLayout(self._preset.slots, 0, common.size)
+        _, data = layout.split(rows)
+        mean = data / common.num_examples
+        if self._plan is not None and self._plan.size == common.size:
+            var = self._plan.variance_index
+            if var.size:
+                mean[var] = np.maximum(mean[var], 0.0)
+        self._state.accepted(r)
+        result = AggregateResult(
+            mean=mean, total_examples=common.num_examples, num_updates=common.num_updates
         )
+        self._last = (digest, result)
+        return result
+
+    def _verify(self, rows: NDArray[np.float64], common: framing.Common) -> None:
+        r = common.round
+        k = common.num_updates
+        finite = bool(np.all(np.isfinite(rows)))
+        max_abs = float(np.max(np.abs(rows))) if finite else float("inf")
+        e_slot = ckks_slot_error(self._preset, num_hospitals=k, max_abs=max_abs)
+        tol = float_tolerance(e_slot, max_abs, self._preset.slots)
+        expected = self._check(common.run, r, rows.shape[0]).tags(rows[:, :-1], updates=k)
+        miss = np.abs(rows[:, -1] - expected) if finite else np.full(rows.shape[0], np.inf)
+        bad = np.flatnonzero(~(miss <= tol))
+        if bad.size:
+            raise integrity_error(
+                f"{bad.size} of {rows.shape[0]} ciphertexts of the aggregate of {k} updates "
+                f"fail their check value (first: ciphertext {int(bad[0])}, off by "
+                f"{float(miss[bad[0]]):.3g}, bound {tol:.3g}): corrupted or tampered with "
+                f"after encryption, or not of run {common.run!r} round {r}",
+                round=r,
+            )
+        count_tol = min(0.25, max(tol, 1e-9))
+        if np.any(np.abs(rows[:, -3] - common.num_examples) > count_tol) or np.any(
+            np.abs(rows[:, -2] - k) > count_tol
+        ):
+            raise integrity_error(
+                f"the counts inside the ciphertexts ({rows[0, -3]:.2f} examples, "
+                f"{rows[0, -2]:.2f} updates) disagree with the header "
+                f"({common.num_examples} examples, {k} updates)",
+                round=r,
+            )
 
 
 class CKKSAggregator:
@@ -317,6 +416,7 @@ class CKKSAggregator:
                 "must only hold the public (server) key file"
             )
         self._ctx = public_context
+        self._format = public_word_format(public_context)
         self._preset = preset
         self._fingerprint = fingerprint
 
@@ -331,51 +431,50 @@ class CKKSAggregator:
         return self._preset
 
     def aggregate(self, updates: Sequence[bytes]) -> bytes:
-        """Add protected updates ciphertext by ciphertext (depth 0), summing the counts.
-
-        Memory is bounded by one ciphertext per update at a time beyond the messages
-        themselves: chunk ``j`` of every update is added before chunk ``j+1`` is read.
+        """Add protected updates (``c0`` modulo each prime, seeds kept; depth 0).
 
         Raises
         ------
         AggregationError
             If ``updates`` is empty, exceeds the preset's ``max_hospitals``, was encrypted
             under another key context ("update was encrypted under another key context"),
-            or the updates differ in size (or, packed, in quantization grid).
+            or the updates differ in size or round.
         ProtocolError
-            If an update is malformed or a ciphertext does not deserialize.
+            If an update is malformed or a coefficient is out of range.
         """
         if not updates:
             raise AggregationError("no updates to aggregate")
-        parsed = [_parse(blob, self._preset) for blob in updates]
+        parsed = [_parse(blob, self._preset, self._format) for blob in updates]
+        first = parsed[0].common
         for i, msg in enumerate(parsed):
-            if msg.fingerprint != self._fingerprint:
+            c = msg.common
+            if c.fingerprint != self._fingerprint:
                 raise AggregationError(
-                    f"update {i} was encrypted under another key context (fingerprint "
-                    f"{msg.fingerprint[:16]}…, server key {self._fingerprint[:16]}…)"
+                    f"{framing.who(i, c)} was encrypted under another key context "
+                    f"(fingerprint {c.fingerprint[:16]}…, server key {self._fingerprint[:16]}…)"
                 )
-            if msg.size != parsed[0].size:
+            if c.size != first.size:
                 raise AggregationError(
-                    f"update sizes differ: {msg.size} values vs {parsed[0].size} values"
+                    f"update sizes differ: {c.size} values vs {first.size} values"
                 )
-        k_total = sum(m.num_updates for m in parsed)
+        framing.check_same_round([m.common for m in parsed])
+        k_total = sum(m.common.num_updates for m in parsed)
         if k_total > self._preset.max_hospitals:
             raise AggregationError(
                 f"{k_total} updates exceed the {self._preset.name!r} preset's limit of "
                 f"{self._preset.max_hospitals} hospitals per aggregate (carry headroom)"
             )
-        size = parsed[0].size
-        out: list[bytes] = []
-        for j, length in enumerate(_chunk_lengths(size, self._preset.slots)):
-            acc = _load_vector(self._ctx, parsed[0].chunks[j], length)
-            for msg in parsed[1:]:
-                acc += _load_vector(self._ctx, msg.chunks[j], length)
-            out.append(acc.serialize())
-        return _write(
-            fingerprint=self._fingerprint,
-            preset=self._preset,
-            size=size,
-            num_examples=sum(m.num_examples for m in parsed),
-            num_updates=k_total,
-            chunks=out,
+        c0, seeds = framing.add_ciphertexts(
+            [(m.c0, m.seeds, m.common) for m in parsed], self._format
         )
+        common = framing.Common(
+            fingerprint=self._fingerprint,
+            run=first.run,
+            round=first.round,
+            size=first.size,
+            num_examples=sum(m.common.num_examples for m in parsed),
+            num_updates=k_total,
+            ciphertexts=first.ciphertexts,
+            hospital=None,
+        )
+        return _write(preset=self._preset, common=common, c0=c0, seeds=seeds)

@@ -18,6 +18,10 @@ store it; loading recomputes and compares it, so a corrupted or edited file is r
 Permissions: the hospital file is created with ``os.open(..., 0o600)``; loading
 **refuses** (``KeyMaterialError``) a hospital file readable or writable by group or
 others, as OpenSSH does for private keys.
+
+Loading is cheap after the first time in a process: the deserialized key contexts are
+kept per file content (sha256), and every call builds a fresh hospital or server object
+(with its own round state) around them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,24 @@ FORMAT = 1
 HOSPITAL_FILE = "hospital.key"
 SERVER_FILE = "server.key"
 _FP_DOMAIN = b"fedcrypt/ckks-context/v1\x00"
+#: Deserialized contexts, per (role, sha256 of the key file): loaded once per process.
+_CONTEXTS: dict[tuple[str, str], Any] = {}
+_CONTEXTS_LOCK = threading.Lock()
+_CONTEXTS_MAX = 8
+
+
+def _cached(role: str, data: bytes, build: Any) -> Any:
+    key = (role, hashlib.sha256(data).hexdigest())
+    with _CONTEXTS_LOCK:
+        hit = _CONTEXTS.get(key)
+    if hit is not None:
+        return hit
+    value = build()
+    with _CONTEXTS_LOCK:
+        if len(_CONTEXTS) >= _CONTEXTS_MAX:
+            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+        _CONTEXTS[key] = value
+    return value
 
 
 def fingerprint_of(public_context: bytes, key_id: bytes, preset: HEPreset) -> str:
@@ -184,8 +207,16 @@ def _bfv(params: bytes, preset: HEPreset, *, secret_key: bytes | None = None) ->
     return ctx
 
 
-def hospital_from_bytes(data: bytes) -> CKKSHospital | BFVHospital:
+def hospital_from_bytes(data: bytes, *, layout: Any = None) -> CKKSHospital | BFVHospital:
     """Load the hospital side from key-file bytes.
+
+    Parameters
+    ----------
+    data : bytes
+        The hospital key file's content.
+    layout : fedcrypt.protection.flatten.Layout, optional
+        The model's layout (per-tensor quantization blocks, exact integer buffers,
+        non-negative variances); see :class:`~fedcrypt.protection.he.bfv.BFVHospital`.
 
     Raises
     ------
@@ -199,12 +230,20 @@ def hospital_from_bytes(data: bytes) -> CKKSHospital | BFVHospital:
             "this is the server (public) key file; a hospital needs the hospital key file"
         )
     if preset.is_packed:
-        bfv = _bfv(pub, preset, secret_key=bytes(ctx_bytes))
-        return BFVHospital(bfv, preset=preset, fingerprint=fp)
-    ctx = _context(ctx_bytes)
-    if public_bytes(ctx) != pub:
-        raise KeyMaterialError("corrupt key file: the key context does not match its fingerprint")
-    return CKKSHospital(ctx, preset=preset, fingerprint=fp)
+        bfv = _cached("hospital", data, lambda: _bfv(pub, preset, secret_key=bytes(ctx_bytes)))
+        return BFVHospital(bfv, preset=preset, fingerprint=fp, layout=layout)
+
+    def build() -> ts.Context:
+        ctx = _context(ctx_bytes)
+        if public_bytes(ctx) != pub:
+            raise KeyMaterialError(
+                "corrupt key file: the key context does not match its fingerprint"
+            )
+        return ctx
+
+    return CKKSHospital(
+        _cached("hospital", data, build), preset=preset, fingerprint=fp, layout=layout
+    )
 
 
 def server_from_bytes(data: bytes) -> CKKSAggregator | BFVAggregator:
@@ -227,12 +266,18 @@ def server_from_bytes(data: bytes) -> CKKSAggregator | BFVAggregator:
     if bytes(ctx_bytes) != pub:
         raise KeyMaterialError("corrupt key file: the server context is not the public context")
     if preset.is_packed:
-        return BFVAggregator(_bfv(pub, preset), preset=preset, fingerprint=fp)
-    ctx = _context(ctx_bytes)
-    if ctx.is_private():
-        del ctx
-        raise KeyMaterialError("refusing a server key file that holds a secret key")
-    return CKKSAggregator(ctx, preset=preset, fingerprint=fp)
+        return BFVAggregator(
+            _cached("server", data, lambda: _bfv(pub, preset)), preset=preset, fingerprint=fp
+        )
+
+    def build() -> ts.Context:
+        ctx = _context(ctx_bytes)
+        if ctx.is_private():
+            del ctx
+            raise KeyMaterialError("refusing a server key file that holds a secret key")
+        return ctx
+
+    return CKKSAggregator(_cached("server", data, build), preset=preset, fingerprint=fp)
 
 
 def _read(path: Path) -> bytes:
@@ -260,8 +305,8 @@ def check_permissions(path: Path) -> None:
         )
 
 
-def load_hospital(path: Path) -> CKKSHospital | BFVHospital:
-    """Load a hospital key file.
+def load_hospital(path: Path, *, layout: Any = None) -> CKKSHospital | BFVHospital:
+    """Load a hospital key file (``layout``: see :func:`hospital_from_bytes`).
 
     Raises
     ------
@@ -271,7 +316,7 @@ def load_hospital(path: Path) -> CKKSHospital | BFVHospital:
     """
     data = _read(path)
     check_permissions(Path(path))
-    return hospital_from_bytes(data)
+    return hospital_from_bytes(data, layout=layout)
 
 
 def load_server(path: Path) -> CKKSAggregator | BFVAggregator:
