@@ -417,6 +417,12 @@ class LocalSite:
         self._cache = (digest, result)
         return result, seconds
 
+    def reference_examples(self, result: AggregateResult) -> int:
+        """The example count a quantizing scheme calibrates its next grid on after
+        ``result`` (its own total otherwise): what :meth:`adopt` restores."""
+        value = getattr(self.protection, "reference_examples", None)
+        return value if isinstance(value, int) else result.total_examples
+
     def adopt(self, digest: str, result: AggregateResult) -> None:
         """Take an aggregate this hospital unprotected earlier (another process, a restart)
         as if :meth:`unprotect` had just returned it: no second decryption.

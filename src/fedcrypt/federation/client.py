@@ -221,7 +221,7 @@ def global_for(site: LocalSite, msg: Message, context: Context, *, server_round:
             weights=result.mean,
             round=rnd,
             digest=hashlib.sha256(blob).hexdigest(),
-            total_examples=result.total_examples,
+            total_examples=site.reference_examples(result),
         )
         hold(context, value)
         if rnd != server_round - 1:
@@ -285,7 +285,7 @@ def evaluate(setup: SiteSetup, msg: Message, context: Context) -> Message:
             weights=result.mean,
             round=rnd,
             digest=hashlib.sha256(blob).hexdigest(),
-            total_examples=result.total_examples,
+            total_examples=site.reference_examples(result),
         ),
     )
     metrics, curves = site.evaluate(result.mean, final=bool(_config(msg).get("final", False)))

@@ -33,7 +33,8 @@ class Held:
         sha256 (hex) of the protected aggregate they were unprotected from ("" for the
         initial model).
     total_examples : int
-        ``sum(n_i)`` of that aggregate (0 for the initial model).
+        The example count the next quantization grid is calibrated on after that
+        aggregate (its ``sum(n_i)``, or more after a small round; 0 for the initial model).
     """
 
     weights: NDArray[np.float64]

@@ -216,6 +216,12 @@ class SelectiveHospital:
         if setter is not None:
             setter(run_id, round, hospital=hospital, seed=seed)
 
+    @property
+    def reference_examples(self) -> int | None:
+        """The inner scheme's calibration count (see ``BFVHospital.reference_examples``)."""
+        value = getattr(self._inner, "reference_examples", None)
+        return value if isinstance(value, int) else None
+
     def set_reference(self, mean: NDArray[np.floating] | None, *, total_examples: int) -> None:
         """Forward a global model (shape ``(P,)``) to ``inner`` for its calibration."""
         setter = getattr(self._inner, "set_reference", None)

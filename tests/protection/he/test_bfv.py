@@ -288,3 +288,39 @@ def test_integer_buffers_beyond_their_range_are_refused(packed_keys: tuple[bytes
         h.protect(flatten(state), num_examples=1000)
     with pytest.raises(ValueError, match="layout"):
         h.protect(np.ones(10), num_examples=1)
+
+
+def test_a_small_round_does_not_shrink_the_grid(packed: tuple[BFVHospital, BFVAggregator]) -> None:
+    """1 of 3 hospitals in round 2, all 3 again in round 3: the grid still fits (issue #12).
+
+    Round 3's grid is calibrated for max(Σn of round 2, round 2's own capacity / 2^growth),
+    which every hospital derives from the aggregate it decrypted.
+    """
+    hospital, server = packed
+    rng = np.random.default_rng(3)
+    counts = [100, 90, 95]
+    x = [rng.normal(0, 0.2, 5000) for _ in counts]
+    hospital.set_round("r", 1)
+    mean1, _, _, _ = _round(hospital, server, x, counts)
+    hospital.set_round("r", 2)
+    mean2, exp2, _, agg2 = _round(hospital, server, [mean1 + 0.01], [counts[0]])
+    assert wire.unpack(agg2).header["max_examples"] >= 2 * sum(counts)
+    assert hospital.reference_examples == sum(counts)  # not 100: the capacity carries over
+    hospital.set_round("r", 3)
+    upd = [mean2 + rng.normal(0, 0.01, 5000) for _ in counts]
+    mean3, exp3, _, _ = _round(hospital, server, upd, counts)
+    bound = error_bound(hospital.preset, num_hospitals=3, max_abs=1.0, total_examples=285)
+    np.testing.assert_allclose(mean3, exp3, rtol=0, atol=max(bound, 1e-4))
+
+
+def test_the_grid_capacity_is_authenticated(packed: tuple[BFVHospital, BFVAggregator]) -> None:
+    hospital, server = packed
+    x = np.random.default_rng(4).normal(0, 0.1, 3000)
+    hospital.set_round("r", 1)
+    _round(hospital, server, [x, x], [10, 10])
+    hospital.set_round("r", 2)
+    agg = server.aggregate([hospital.protect(x, num_examples=10)] * 2)
+    env = wire.unpack(agg)
+    header = {**env.header, "max_examples": env.header["max_examples"] * 8}
+    with pytest.raises(IntegrityError):
+        hospital.unprotect(wire.pack(header, env.sections))

@@ -80,8 +80,10 @@ def packing_for(preset: HEPreset, mode: str) -> FieldPacking:
     return preset.packing() if mode == MODE_CALIBRATED else preset.calibration_packing()
 
 
-def _table_aad(fingerprint: str, run: str, round: int, size: int, mode: str) -> list[bytes]:
-    return [
+def _table_aad(
+    fingerprint: str, run: str, round: int, size: int, mode: str, max_examples: int = 0
+) -> list[bytes]:
+    aad = [
         b"fedcrypt/step-table/v2",
         fingerprint.encode(),
         run.encode(),
@@ -89,6 +91,21 @@ def _table_aad(fingerprint: str, run: str, round: int, size: int, mode: str) -> 
         str(size).encode(),
         mode.encode(),
     ]
+    if mode == MODE_CALIBRATED:  # the grid's capacity: the next grid never shrinks below it
+        aad.append(str(max_examples).encode())
+    return aad
+
+
+def next_reference_examples(total_examples: int, max_examples: int, growth_bits: int) -> int:
+    """The example count the next round's grid is calibrated for.
+
+    The larger of the aggregate's own ``Σ n_i`` and the count its grid was made for
+    (``max_examples / 2^growth``): a small round (a dropout, a sample) does not shrink the
+    capacity, so hospitals rejoining the next round fit (e.g. 1 of 3 hospitals in round
+    2, all 3 again in round 3). Every hospital that decrypts the aggregate derives the same
+    count, and ``max_examples`` is authenticated with the step table.
+    """
+    return max(int(total_examples), int(max_examples) >> int(growth_bits))
 
 
 @dataclass(frozen=True)
@@ -324,6 +341,15 @@ class BFVHospital:
         self._reference = (np.array(mean, dtype=np.float64), int(total_examples))
 
     @property
+    def reference_examples(self) -> int | None:
+        """The example count the next grid is calibrated for (None before a reference).
+
+        Pass it to :meth:`set_reference` to restore the calibration elsewhere (another
+        process of the same hospital) without decrypting the aggregate again.
+        """
+        return None if self._reference is None else self._reference[1]
+
+    @property
     def calibrated(self) -> bool:
         """Whether the next update uses calibrated (packed) steps."""
         return self._reference is not None
@@ -451,7 +477,7 @@ class BFVHospital:
         packing = packing_for(preset, mode)
         table = self._siv.encrypt(
             plan.to_bytes() + steps.to_bytes(),
-            _table_aad(self._fingerprint, st.run_id, st.round, weighted.size, mode),
+            _table_aad(self._fingerprint, st.run_id, st.round, weighted.size, mode, max_examples),
         )
         q = quantize(values, steps, clip=clip, rng=st.rng(self._secret, self._fingerprint))
         self.last_clipped = q.clipped
@@ -516,7 +542,10 @@ class BFVHospital:
         r = common.round
         try:
             raw = self._siv.decrypt(
-                msg.table, _table_aad(self._fingerprint, common.run, r, common.size, msg.mode)
+                msg.table,
+                _table_aad(
+                    self._fingerprint, common.run, r, common.size, msg.mode, msg.max_examples
+                ),
             )
             plan, rest = QuantPlan.from_bytes(raw, size=common.size)
             if msg.mode == MODE_CALIBRATED:
@@ -570,7 +599,10 @@ class BFVHospital:
         var = plan.variance_index
         if var.size:  # a no-op in exact arithmetic: SR of y >= 0 is >= 0 at every hospital
             mean[var] = np.maximum(mean[var], 0.0)
-        self.set_reference(mean, total_examples=n)
+        self.set_reference(
+            mean,
+            total_examples=next_reference_examples(n, msg.max_examples, self._preset.growth_bits),
+        )
         self._state.accepted(r)
         result = AggregateResult(mean=mean, total_examples=n, num_updates=common.num_updates)
         self._last = (digest, result)
