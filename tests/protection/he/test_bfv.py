@@ -303,7 +303,7 @@ def test_a_small_round_does_not_shrink_the_grid(packed: tuple[BFVHospital, BFVAg
     hospital.set_round("r", 1)
     mean1, _, _, _ = _round(hospital, server, x, counts)
     hospital.set_round("r", 2)
-    mean2, exp2, _, agg2 = _round(hospital, server, [mean1 + 0.01], [counts[0]])
+    mean2, _, _, agg2 = _round(hospital, server, [mean1 + 0.01], [counts[0]])
     assert wire.unpack(agg2).header["max_examples"] >= 2 * sum(counts)
     assert hospital.reference_examples == sum(counts)  # not 100: the capacity carries over
     hospital.set_round("r", 3)
