@@ -223,9 +223,7 @@ def step(
                 progress = True
             elif t["action"] == "answer":
                 stage = t["stage"]
-                if site.stop_at is not None and STAGES.index(stage) >= STAGES.index(
-                    site.stop_at
-                ):
+                if site.stop_at is not None and STAGES.index(stage) >= STAGES.index(site.stop_at):
                     continue
                 got, request = get_request(api, fid, number, site)
                 assert got == stage

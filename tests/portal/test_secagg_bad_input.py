@@ -108,7 +108,9 @@ def test_bad_replies_are_refused_and_the_round_completes_without_that_hospital(
     assert h1["status"] == "dropped" and h1["stage"] == "share"
     assert "DeadlineError" in h1["reason"]
     expected, total = fedavg(sites, [0, 2, 3, 4])
-    res = sites[0].hospital.unprotect_missed(aggregate(api, fid, 1, sites[0].headers), expected_round=1)
+    res = sites[0].hospital.unprotect_missed(
+        aggregate(api, fid, 1, sites[0].headers), expected_round=1
+    )
     assert np.max(np.abs(res.mean - expected)) <= params.error_bound(4, total)
     # every refusal is in the audit log, naming the hospital
     events = api.client.get(
@@ -152,7 +154,9 @@ def test_a_restarted_portal_rebuilds_the_running_session(
     step(api, fid, 1, sites)
     assert api.round(fid, 1)["status"] == "aggregated"
     expected, total = fedavg(sites, [0, 1, 2])
-    res = sites[1].hospital.unprotect_missed(aggregate(api, fid, 1, sites[1].headers), expected_round=1)
+    res = sites[1].hospital.unprotect_missed(
+        aggregate(api, fid, 1, sites[1].headers), expected_round=1
+    )
     assert np.max(np.abs(res.mean - expected)) <= params.error_bound(3, total)
 
 
@@ -211,7 +215,10 @@ def test_the_web_form_creates_a_secagg_federation(api: Api) -> None:
     r = c.post(
         "/federations/new",
         data=fields,
-        files={"initial_model": ("m.pt", b"abc"), "registry": ("hospital-0.key", cons.keys.identities[0])},
+        files={
+            "initial_model": ("m.pt", b"abc"),
+            "registry": ("hospital-0.key", cons.keys.identities[0]),
+        },
     )
     assert r.status_code == 422 and "refusing a secret" in r.text
     assert api.client.get(f"{API}/federations", headers=api.admin).json() == []

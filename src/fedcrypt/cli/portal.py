@@ -526,8 +526,10 @@ def create_federation(
         raise ConfigError(f"--server-key is for he federations, not {scheme.name}")
     if registry is not None and not scheme.staged:
         raise ConfigError(f"--registry is for secagg federations, not {scheme.name}")
-    if registry is not None and not registry.is_file():
-        raise ConfigError(f"registry not found: {registry}")
+    if registry is not None:
+        from fedcrypt.protection.secagg.keys import load_registry
+
+        load_registry(registry)  # a secret key file is refused here, before anything is sent
     if not initial_model.is_file():
         raise ConfigError(f"initial model not found: {initial_model}")
     try:
