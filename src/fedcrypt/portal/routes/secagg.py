@@ -30,7 +30,7 @@ from fedcrypt.portal.schemas import (
 )
 from fedcrypt.portal.services import aggregation as agg
 from fedcrypt.portal.services import federations as feds
-from fedcrypt.portal.services import relay
+from fedcrypt.portal.services import relay, relay_views, secagg_members
 from fedcrypt.portal.services import rounds as round_svc
 from fedcrypt.portal.streaming import parse_sha256, receive_body, receive_small_body
 
@@ -48,12 +48,12 @@ async def put_registry(
     It fixes the consortium's parameters (stored with the federation). A secret
     ``hospital-<i>.key`` or ``group-mask.key`` is refused with HTTP 422 and not stored.
     """
-    data = await receive_small_body(request, limit=relay.MAX_REGISTRY_BYTES)
+    data = await receive_small_body(request, limit=secagg_members.MAX_REGISTRY_BYTES)
 
     def _store() -> FederationPublic:
         with portal.session() as db:
             fed = feds.get_federation(db, federation_id)
-            fed = relay.set_registry(portal, db, fed, data, actor=admin, client_ip=ip)
+            fed = secagg_members.set_registry(portal, db, fed, data, actor=admin, client_ip=ip)
             return feds.to_public(db, fed, base_url=base_url_of(request))
 
     return await run_in_threadpool(_store)
@@ -69,7 +69,7 @@ def get_registry(
     checks it against the registry fingerprint its ``hospital-<i>.key`` names.
     """
     fed = feds.get_federation(db, federation_id)
-    relay.require_secagg(fed)
+    secagg_members.require_secagg(fed)
     if fed.server_key_sha256 is None:
         raise NotFoundError("the registry has not been uploaded yet")
     return FileResponse(
@@ -107,7 +107,7 @@ def enrol(
     account, hospital id) with its ``hospital-<i>.key``: proof that the account holds it.
     """
     fed = feds.get_federation(db, federation_id)
-    member, created = relay.enrol(
+    member, created = secagg_members.enrol(
         portal,
         db,
         fed,
@@ -118,7 +118,7 @@ def enrol(
     )
     if not created:
         response.status_code = 200
-    return relay.member_public(member)
+    return secagg_members.member_public(member)
 
 
 @router.get("/secagg/members", response_model=list[SecAggMemberPublic])
@@ -127,8 +127,8 @@ def list_members(
 ) -> list[SecAggMemberPublic]:
     """The hospitals enrolled in the federation, with their registry ids."""
     fed = feds.get_federation(db, federation_id)
-    relay.require_secagg(fed)
-    return [relay.member_public(m) for m in relay.list_members(db, fed)]
+    secagg_members.require_secagg(fed)
+    return [secagg_members.member_public(m) for m in secagg_members.list_members(db, fed)]
 
 
 @router.get("/rounds/{number}/secagg", response_model=list[SecAggAttemptPublic])
@@ -142,9 +142,9 @@ def round_sessions(
     """The round's secure-aggregation sessions: stage progress, who dropped out and why."""
     agg.maybe_aggregate(portal, federation_id)
     fed = feds.get_federation(db, federation_id)
-    relay.require_secagg(fed)
+    secagg_members.require_secagg(fed)
     db.expire_all()
-    return relay.round_progress(db, feds.get_round(db, fed, number))
+    return relay_views.round_progress(db, feds.get_round(db, fed, number))
 
 
 @router.post("/rounds/{number}/secagg/join", response_model=SecAggTurn)

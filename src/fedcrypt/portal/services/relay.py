@@ -44,10 +44,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fedcrypt.exceptions import FedcryptError, KeyMaterialError, ProtocolError
+from fedcrypt.exceptions import FedcryptError, ProtocolError
 from fedcrypt.portal.context import Portal
 from fedcrypt.portal.errors import (
     BadRequestError,
@@ -63,7 +62,6 @@ from fedcrypt.portal.models import (
     ATTEMPT_FAILED,
     ATTEMPT_JOIN,
     FED_CANCELLED,
-    FED_FINISHED,
     FED_RUNNING,
     MSG_ANSWERED,
     MSG_ASKED,
@@ -81,46 +79,41 @@ from fedcrypt.portal.models import (
     User,
 )
 from fedcrypt.portal.schemas import (
-    MAX_ID,
-    SecAggAttemptPublic,
-    SecAggHospitalProgress,
-    SecAggMemberPublic,
     SecAggReplyPublic,
-    SecAggStageProgress,
     SecAggTurn,
 )
 from fedcrypt.portal.secagg import (
     MAX_REFUSALS_PER_STAGE,
-    default_params,
-    params_from_json,
-    params_to_text,
     reply_limit,
     round_threshold,
-    verify_enrolment,
 )
 from fedcrypt.portal.services import federations as feds
 from fedcrypt.portal.services.audit import record
 from fedcrypt.portal.services.blobs import delete_if_unreferenced
+from fedcrypt.portal.services.secagg_members import (
+    list_members,
+    member_of,
+    params_of,
+    registry_of,
+    require_secagg,
+)
 from fedcrypt.portal.storage import PendingBlob
 from fedcrypt.protection.secagg import (
     STAGES,
     DeadlineError,
     ReplayError,
     RoundConfig,
-    SecAggParams,
     SecAggServer,
     SessionMismatchError,
     SignatureError,
 )
-from fedcrypt.protection.secagg.keys import Registry, registry_from_bytes
 
 log = logging.getLogger(__name__)
+
 
 SERVER_ACTOR = "portal"
 #: Stages of a session that is still running (its messages are kept).
 ACTIVE = (ATTEMPT_JOIN, *STAGES)
-#: Largest ``registry.pub`` accepted (the loader's own limit).
-MAX_REGISTRY_BYTES = 1 << 20
 
 
 # --- the live protocol server -----------------------------------------------------------
@@ -162,241 +155,6 @@ def _ts(dt: datetime) -> float:
 
 def _from_ts(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
-
-
-# --- the federation's registry and parameters --------------------------------------------
-
-
-def params_of(fed: Federation) -> SecAggParams:
-    """The federation's :class:`SecAggParams` (stored with its registry).
-
-    Raises
-    ------
-    fedcrypt.portal.errors.ConflictError
-        If the federation has no registry yet.
-    """
-    if fed.secagg_params is None:
-        raise ConflictError("this secagg federation has no registry (registry.pub) yet")
-    return params_from_json(json.loads(fed.secagg_params))
-
-
-def registry_of(portal: Portal, fed: Federation) -> Registry:
-    """The federation's public registry (parsed once per process).
-
-    Raises
-    ------
-    fedcrypt.portal.errors.ConflictError
-        If the federation has no registry yet.
-    """
-    sha = fed.server_key_sha256
-    if sha is None:
-        raise ConflictError("this secagg federation has no registry (registry.pub) yet")
-    cached = portal.registries.get(sha)
-    if cached is None:
-        cached = registry_from_bytes(portal.store.read_bytes(sha))
-        portal.registries[sha] = cached
-    return cached
-
-
-def parse_registry(data: bytes) -> Registry:
-    """Check a ``registry.pub`` upload.
-
-    Raises
-    ------
-    fedcrypt.portal.errors.InvalidContentError
-        If it is not a valid public registry (a secret ``hospital-<i>.key`` or
-        ``group-mask.key`` is refused before its key is read), is too large, or names a
-        hospital id above 2^31 - 1.
-    """
-    if len(data) > MAX_REGISTRY_BYTES:
-        raise InvalidContentError("the registry exceeds the size limit of a registry.pub file")
-    try:
-        reg = registry_from_bytes(data)
-    except KeyMaterialError as exc:
-        raise InvalidContentError(f"not a usable secagg registry: {exc}") from exc
-    if max(reg.keys) > MAX_ID:
-        raise InvalidContentError(f"the registry names hospital ids above {MAX_ID}")
-    return reg
-
-
-def set_registry(
-    portal: Portal, db: Session, fed: Federation, data: bytes, *, actor: User, client_ip: str
-) -> Federation:
-    """Store a ``secagg`` federation's public ``registry.pub`` and fix its parameters.
-
-    The parameters are :func:`~fedcrypt.portal.secagg.default_params` for the registry's
-    size and group-mask choice; hospitals read them from the federation and refuse a
-    session with other ones.
-
-    Raises
-    ------
-    fedcrypt.portal.errors.ConflictError
-        If the federation is not ``secagg`` or already running.
-    fedcrypt.portal.errors.InvalidContentError
-        If the file is not a public registry (see :func:`parse_registry`).
-    """
-    if not feds.scheme_of(fed).staged:
-        raise ConflictError(f"a {feds.scheme_of(fed).name} federation takes no registry")
-    if fed.status != "draft":
-        raise ConflictError("the registry cannot change once the federation is running")
-    reg = parse_registry(data)
-    try:
-        params = default_params(hospitals=len(reg.keys), group_mask=reg.group_mask)
-    except FedcryptError as exc:
-        raise InvalidContentError(f"the registry does not fit secagg's bounds: {exc}") from exc
-    old = fed.server_key_sha256
-    sha = portal.store.put_bytes(data)
-    portal.registries[sha] = reg
-    fed.server_key_sha256 = sha
-    fed.server_key_size = len(data)
-    fed.key_fingerprint = reg.fingerprint
-    fed.secagg_params = params_to_text(params)
-    record(
-        db,
-        at=portal.clock(),
-        actor=actor,
-        action="federation.registry",
-        target=fed.name,
-        detail=(
-            f"fingerprint {reg.fingerprint[:16]}…, {len(reg.keys)} hospitals, group mask "
-            f"{'on' if reg.group_mask else 'OFF'}, {len(data)} bytes"
-        ),
-        client_ip=client_ip,
-    )
-    db.commit()
-    if old is not None and old != sha:
-        delete_if_unreferenced(portal, old)
-    return fed
-
-
-def require_secagg(fed: Federation) -> None:
-    if not feds.scheme_of(fed).staged:
-        raise ConflictError(
-            f"federation {fed.name!r} uses {feds.scheme_of(fed).name}: it has no secagg relay"
-        )
-
-
-# --- members ----------------------------------------------------------------------------
-
-
-def member_of(db: Session, fed: Federation, user_id: int) -> SecAggMember | None:
-    """The enrolment of account ``user_id`` in ``fed``, if any."""
-    return db.scalar(
-        select(SecAggMember).where(
-            SecAggMember.federation_id == fed.id, SecAggMember.user_id == user_id
-        )
-    )
-
-
-def member_public(m: SecAggMember) -> SecAggMemberPublic:
-    """The API view of an enrolment."""
-    return SecAggMemberPublic(
-        hospital_id=m.hospital_id,
-        user_id=m.user_id,
-        hospital=m.user.name,
-        enrolled_at=m.enrolled_at,
-    )
-
-
-def list_members(db: Session, fed: Federation) -> list[SecAggMember]:
-    """The federation's enrolled hospitals, in order of enrolment."""
-    return list(
-        db.scalars(
-            select(SecAggMember)
-            .where(SecAggMember.federation_id == fed.id)
-            .order_by(SecAggMember.id)
-        )
-    )
-
-
-def enrol(
-    portal: Portal,
-    db: Session,
-    fed: Federation,
-    user: User,
-    *,
-    hospital_id: int,
-    signature: str,
-    client_ip: str,
-) -> tuple[SecAggMember, bool]:
-    """Enrol ``user`` as hospital ``hospital_id`` of the registry; return it and whether new.
-
-    Idempotent for the same account and id.
-
-    Raises
-    ------
-    fedcrypt.portal.errors.ConflictError
-        If the federation is not a running ``secagg`` one, the account is enrolled as
-        another hospital, or the hospital by another account.
-    fedcrypt.portal.errors.InvalidContentError
-        If ``hospital_id`` is not in the registry.
-    fedcrypt.portal.errors.ForbiddenError
-        If the signature is not that hospital's enrolment for this account (see
-        :mod:`fedcrypt.portal.secagg`).
-    """
-    require_secagg(fed)
-    if fed.status != FED_RUNNING:
-        raise ConflictError(
-            f"federation {fed.name!r} is {fed.status}: hospitals enrol while it runs"
-        )
-    reg = registry_of(portal, fed)
-    key = reg.keys.get(hospital_id)
-    if key is None:
-        ids = reg.hospital_ids
-        raise InvalidContentError(
-            f"hospital {hospital_id} is not in the federation's registry (hospitals "
-            f"{ids[0]}..{ids[-1]}, fingerprint {reg.fingerprint[:16]}…)"
-        )
-    if not verify_enrolment(
-        key,
-        signature,
-        registry_fingerprint=reg.fingerprint,
-        federation_id=fed.id,
-        account_id=user.id,
-        hospital_id=hospital_id,
-    ):
-        raise ForbiddenError(
-            f"the enrolment is not signed by hospital {hospital_id}'s registered key: sign "
-            f"it with hospital-{hospital_id}.key of the registry {reg.fingerprint[:16]}…"
-        )
-    mine = member_of(db, fed, user.id)
-    if mine is not None:
-        if mine.hospital_id == hospital_id:
-            return mine, False
-        raise ConflictError(
-            f"this account is already enrolled in {fed.name!r} as hospital {mine.hospital_id}"
-        )
-    taken = db.scalar(
-        select(SecAggMember).where(
-            SecAggMember.federation_id == fed.id, SecAggMember.hospital_id == hospital_id
-        )
-    )
-    if taken is not None:
-        raise ConflictError(
-            f"hospital {hospital_id} of the registry is already enrolled by another account "
-            f"({taken.user.name})"
-        )
-    now = portal.clock()
-    row = SecAggMember(
-        federation_id=fed.id, user_id=user.id, hospital_id=hospital_id, enrolled_at=now
-    )
-    db.add(row)
-    record(
-        db,
-        at=now,
-        actor=user,
-        action="secagg.enrol",
-        target=fed.name,
-        detail=f"as hospital {hospital_id} of the registry {reg.fingerprint[:16]}…",
-        client_ip=client_ip,
-    )
-    try:
-        db.commit()
-    except IntegrityError as exc:
-        db.rollback()
-        raise ConflictError("another enrolment for this hospital arrived at the same time") from exc
-    db.refresh(row)
-    return row, True
 
 
 # --- sessions -----------------------------------------------------------------------------
@@ -445,7 +203,7 @@ def _ensure_attempt(db: Session, fed: Federation, rnd: Round, now: datetime) -> 
     return att
 
 
-def _messages(db: Session, att: SecAggAttempt, stage: str | None = None) -> list[SecAggMessage]:
+def messages(db: Session, att: SecAggAttempt, stage: str | None = None) -> list[SecAggMessage]:
     q = select(SecAggMessage).where(SecAggMessage.attempt_id == att.id)
     if stage is not None:
         q = q.where(SecAggMessage.stage == stage)
@@ -513,7 +271,7 @@ def _replay(
         clock=clock,
         stage_timeout=att.stage_timeout_s,
     )
-    rows = _messages(db, att)
+    rows = messages(db, att)
     by_stage: dict[str, list[SecAggMessage]] = {s: [] for s in STAGES}
     for m in rows:
         if m.stage in by_stage:
@@ -668,7 +426,7 @@ def _maybe_start(
     actor: User | None,
     client_ip: str,
 ) -> bool:
-    joined = [m for m in _messages(db, att, ATTEMPT_JOIN) if m.status == MSG_JOINED]
+    joined = [m for m in messages(db, att, ATTEMPT_JOIN) if m.status == MSG_JOINED]
     n = len(joined)
     enrolled = len(list_members(db, fed))
     need = max(fed.quorum, 2)
@@ -754,7 +512,7 @@ def _mark_dropped(
     db: Session, att: SecAggAttempt, stage: str, *, forced: bool
 ) -> list[SecAggMessage]:
     dropped = []
-    for m in _messages(db, att, stage):
+    for m in messages(db, att, stage):
         if m.status == MSG_ASKED:
             m.status = MSG_DROPPED
             why = "the admin closed the stage" if forced else "no valid answer by the deadline"
@@ -826,7 +584,7 @@ def _publish(
     from fedcrypt.portal.services.aggregation import finish_round
 
     survivors = list(live.server.survivors)
-    blobs = _message_blobs(_messages(db, att))
+    blobs = _message_blobs(messages(db, att))
     with portal.blob_lock:
         sha = portal.store.put_bytes(aggregate)
     att.stage = ATTEMPT_DONE
@@ -870,8 +628,8 @@ def _fail(
     reason: str,
 ) -> None:
     """End the session as failed; the round becomes ``failed`` and a new session opens."""
-    blobs = _message_blobs(_messages(db, att))
-    for m in _messages(db, att):
+    blobs = _message_blobs(messages(db, att))
+    for m in messages(db, att):
         if m.status == MSG_ASKED:
             m.status = MSG_DROPPED
             m.error = m.error or "the session failed before it answered"
@@ -1217,7 +975,7 @@ def _accept_locked(
 
 def _late_or_uninvited(db: Session, att: SecAggAttempt, member: SecAggMember) -> PortalError:
     """The error for a reply from a hospital not asked in the running stage."""
-    rows = [m for m in _messages(db, att) if m.member_id == member.id]
+    rows = [m for m in messages(db, att) if m.member_id == member.id]
     dropped = next((m for m in rows if m.status == MSG_DROPPED), None)
     hid = member.hospital_id
     if dropped is not None:
@@ -1232,100 +990,6 @@ def _late_or_uninvited(db: Session, att: SecAggAttempt, member: SecAggMember) ->
     )
 
 
-# --- views ----------------------------------------------------------------------------------
-
-
-def attempt_public(db: Session, att: SecAggAttempt) -> SecAggAttemptPublic:
-    """A session's stage progress and where each hospital stands."""
-    rows = _messages(db, att)
-    stages: list[SecAggStageProgress] = []
-    for stage in (ATTEMPT_JOIN, *STAGES):
-        mine = [m for m in rows if m.stage == stage]
-        if not mine:
-            continue
-        stages.append(
-            SecAggStageProgress(
-                stage=stage,
-                asked=len(mine),
-                answered=sum(m.status in (MSG_ANSWERED, MSG_JOINED) for m in mine),
-                dropped=sum(m.status == MSG_DROPPED for m in mine),
-                opened_at=min(m.asked_at for m in mine),
-            )
-        )
-    hospitals: list[SecAggHospitalProgress] = []
-    by_member: dict[int, list[SecAggMessage]] = {}
-    for m in rows:
-        by_member.setdefault(m.member_id, []).append(m)
-    order = {s: i for i, s in enumerate((ATTEMPT_JOIN, *STAGES))}
-    survivors: set[int] = set()
-    if att.stage == ATTEMPT_DONE:
-        survivors = {
-            m.member_id for m in rows if m.stage == "masked_input" and m.status == MSG_ANSWERED
-        }
-    for member_rows in by_member.values():
-        member_rows.sort(key=lambda m: order.get(m.stage, 99))
-        last = member_rows[-1]
-        dropped = next((m for m in member_rows if m.status == MSG_DROPPED), None)
-        if dropped is not None:
-            status, stage, reason = MSG_DROPPED, dropped.stage, dropped.error
-        elif last.member_id in survivors:
-            status, stage, reason = "contributed", last.stage, None
-        else:
-            status, stage, reason = last.status, last.stage, last.error
-        hospitals.append(
-            SecAggHospitalProgress(
-                hospital_id=last.member.hospital_id,
-                user_id=last.member.user_id,
-                hospital=last.member.user.name,
-                status=status,
-                stage=stage,
-                reason=reason,
-                bytes_up=sum(m.reply_size or 0 for m in member_rows),
-                bytes_down=sum(m.request_size or 0 for m in member_rows),
-            )
-        )
-    hospitals.sort(key=lambda h: h.hospital_id)
-    return SecAggAttemptPublic(
-        attempt=att.id,
-        protocol_round=att.protocol_round,
-        stage=att.stage,
-        threshold=att.threshold,
-        invited=att.num_invited,
-        opened_at=att.opened_at,
-        started_at=att.started_at,
-        closed_at=att.closed_at,
-        stage_deadline_at=att.stage_deadline_at,
-        server_seconds=att.server_seconds,
-        error=att.error,
-        stages=stages,
-        hospitals=hospitals,
-    )
-
-
-def round_progress(db: Session, rnd: Round) -> list[SecAggAttemptPublic]:
-    """Every session of the round, oldest first, with its stage progress."""
-    return [attempt_public(db, a) for a in attempts_of(db, rnd)]
-
-
-def round_summary(db: Session, fed: Federation, rnd: Round) -> dict[str, Any]:
-    """The secagg fields of a round's API view (:class:`~fedcrypt.portal.schemas.RoundPublic`)."""
-    att = current_attempt(db, rnd)
-    enrolled = len(list_members(db, fed))
-    if att is None:
-        return {"stage": None, "num_uploads": 0, "expected_uploads": max(enrolled, fed.quorum)}
-    rows = _messages(db, att)
-    joined = sum(m.stage == ATTEMPT_JOIN for m in rows)
-    masked = sum(m.stage == "masked_input" and m.status == MSG_ANSWERED for m in rows)
-    return {
-        "stage": att.stage,
-        "stage_deadline_at": att.stage_deadline_at if att.stage in ACTIVE else None,
-        "protocol_round": att.protocol_round,
-        "num_joined": joined,
-        "num_uploads": rnd.num_updates if rnd.status == ROUND_AGGREGATED else masked,
-        "expected_uploads": att.num_invited if att.num_invited else max(enrolled, fed.quorum),
-    }
-
-
 def abandon(portal: Portal, db: Session, fed: Federation, now: datetime) -> list[str]:
     """Mark the federation's running sessions abandoned (cancelled); return their blobs.
 
@@ -1338,7 +1002,7 @@ def abandon(portal: Portal, db: Session, fed: Federation, now: datetime) -> list
             SecAggAttempt.federation_id == fed.id, SecAggAttempt.stage.in_(ACTIVE)
         )
     ):
-        blobs += _message_blobs(_messages(db, att))
+        blobs += _message_blobs(messages(db, att))
         att.stage = ATTEMPT_ABANDONED
         att.closed_at = now
         _drop_live(portal, att.id)
@@ -1349,8 +1013,3 @@ def ensure_request_blob(portal: Portal, sha: str) -> None:
     """Raise 404 if a request blob is missing (it is deleted when its session ends)."""
     if not portal.store.exists(sha):
         raise NotFoundError("the request is no longer stored: its session has ended")
-
-
-def finished(fed: Federation) -> bool:
-    """Whether the federation takes no more sessions."""
-    return fed.status in (FED_FINISHED, FED_CANCELLED)

@@ -34,7 +34,7 @@ from fedcrypt.portal.models import (
 )
 from fedcrypt.portal.schemas import MetricsCreate, MetricsPublic, RoundPublic, UploadPublic
 from fedcrypt.portal.services import federations as feds
-from fedcrypt.portal.services import relay
+from fedcrypt.portal.services import relay_views
 from fedcrypt.portal.services.audit import record
 from fedcrypt.portal.services.blobs import blob_referenced, delete_if_unreferenced
 from fedcrypt.portal.storage import PendingBlob
@@ -88,7 +88,7 @@ def round_public(db: Session, fed: Federation, rnd: Round, *, viewer: User | Non
     """The API view of a round, with its upload count and whether ``viewer`` uploaded."""
     extra: dict[str, Any] = {}
     if feds.scheme_of(fed).staged:
-        extra = relay.round_summary(db, fed, rnd)
+        extra = relay_views.round_summary(db, fed, rnd)
         n, expected = int(extra.pop("num_uploads") or 0), int(extra.pop("expected_uploads"))
     else:
         n, expected = feds.round_counts(db, fed, rnd)

@@ -33,7 +33,7 @@ from fedcrypt.portal.schemas import (
 )
 from fedcrypt.portal.services import aggregation as agg
 from fedcrypt.portal.services import federations as feds
-from fedcrypt.portal.services import relay
+from fedcrypt.portal.services import relay_views, secagg_members
 from fedcrypt.portal.services import rounds as svc
 from fedcrypt.portal.storage import PendingBlob
 from fedcrypt.portal.streaming import receive_form_file
@@ -228,7 +228,7 @@ async def federation_create(
             errors.append("the server key exceeds the size limit of a public key file")
     registry_bytes: bytes | None = None
     if get_scheme(data.protection).staged and registry is not None:
-        registry_bytes = await registry.read(relay.MAX_REGISTRY_BYTES + 1)
+        registry_bytes = await registry.read(secagg_members.MAX_REGISTRY_BYTES + 1)
     assert initial_model is not None
     pending = await receive_form_file(initial_model, portal.store, limit=limit)
 
@@ -237,12 +237,14 @@ async def federation_create(
             if key_bytes is not None:
                 feds.aggregator_from_key(key_bytes)  # refuse a secret key before creating
             if registry_bytes is not None:
-                relay.parse_registry(registry_bytes)  # refuse a secret key before creating
+                secagg_members.parse_registry(registry_bytes)  # refuse a secret key before creating
             fed = feds.create_federation(portal, db, data, actor=admin, client_ip=ip)
             if key_bytes is not None:
                 feds.set_server_key(portal, db, fed, key_bytes, actor=admin, client_ip=ip)
             if registry_bytes is not None:
-                relay.set_registry(portal, db, fed, registry_bytes, actor=admin, client_ip=ip)
+                secagg_members.set_registry(
+                    portal, db, fed, registry_bytes, actor=admin, client_ip=ip
+                )
             feds.publish_initial_model(
                 portal, db, fed, pending, model_size=data.model_size, actor=admin, client_ip=ip
             )
@@ -288,7 +290,7 @@ def federation_page(
     taken: dict[tuple[int, int], str] = {}
     if scheme.staged:
         for rnd in reversed(fed.rounds):
-            attempts = relay.round_progress(db, rnd)
+            attempts = relay_views.round_progress(db, rnd)
             sessions.append({"round": rnd.number, "attempts": attempts})
             for a in attempts:
                 for h in a.hospitals:
@@ -529,7 +531,7 @@ async def federation_publish(
         else None
     )
     registry_bytes = (
-        await registry.read(relay.MAX_REGISTRY_BYTES + 1)
+        await registry.read(secagg_members.MAX_REGISTRY_BYTES + 1)
         if registry is not None and registry.filename
         else None
     )
@@ -549,7 +551,9 @@ async def federation_publish(
                     raise InvalidContentError("the server key exceeds the size limit")
                 feds.set_server_key(portal, db, fed, key_bytes, actor=admin, client_ip=ip)
             if registry_bytes is not None:
-                relay.set_registry(portal, db, fed, registry_bytes, actor=admin, client_ip=ip)
+                secagg_members.set_registry(
+                    portal, db, fed, registry_bytes, actor=admin, client_ip=ip
+                )
             if pending is not None:
                 feds.publish_initial_model(
                     portal, db, fed, pending, model_size=size, actor=admin, client_ip=ip
