@@ -489,14 +489,150 @@ def test_admin_corrects_excludes_aggregates_and_cancels_by_cli(
 def test_migrate_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from fedcrypt.portal.migrate import head_revision
+
     data = tmp_path / "data"
+    head = head_revision()
     code, out, err = _run(["portal", "migrate", "--data-dir", str(data)], monkeypatch, capsys)
-    assert code == 0 and "upgraded from an empty database to 0003" in out, err
+    assert code == 0 and f"upgraded from an empty database to {head}" in out, err
     code, out, _ = _run(["portal", "migrate", "--data-dir", str(data)], monkeypatch, capsys)
-    assert code == 0 and "already at 0003" in out
+    assert code == 0 and f"already at {head}" in out
     code, _, err = _run(
         ["portal", "migrate", "--db", "mysql://x@localhost/y", "--data-dir", str(data)],
         monkeypatch,
         capsys,
     )
     assert code == 2 and "unsupported database" in err and err.count("\n") == 1
+
+
+# --- secagg ---------------------------------------------------------------------------
+
+
+def _secagg_consortium(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *,
+    hospitals: int = 3,
+) -> tuple[str, list[str], Path, Path]:
+    """Key files, approved hospitals and a 1-round secagg federation ``sa``.
+
+    Returns the admin token, the hospitals' tokens, the keys folder and the initial model.
+    """
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    keys = tmp_path / "keys"
+    code, out, err = run(
+        ["keys", "generate", "--protection", "secagg", "--hospitals", str(hospitals),
+         "--out", str(keys)]
+    )  # fmt: skip
+    assert code == 0, err
+    monkeypatch.setenv("FEDCRYPT_PORTAL_PASSWORD", HOSP_PW)
+    for i in range(hospitals):
+        run(["portal", "register", "--name", f"Site {i}", "--email", f"s{i}@example.org"])
+    admin = _token(ADMIN, ADMIN_PW, monkeypatch, capsys)
+    for i in range(hospitals):
+        run(["portal", "approve", f"s{i}@example.org", "--token", admin])
+    tokens = [_token(f"s{i}@example.org", HOSP_PW, monkeypatch, capsys) for i in range(hospitals)]
+    initial = tmp_path / "initial.pt"
+    run(["portal", "init-model", "-o", str(initial)])
+    base = ["portal", "create-federation", "--name", "sa", "--initial-model", str(initial),
+            "--protection", "secagg", "--quorum", str(hospitals), "--rounds", "1",
+            "--token", admin]  # fmt: skip
+    code, _, err = run(base)
+    assert code == 2 and "--registry" in err and err.count("\n") == 1
+    code, _, err = run([*base, "--registry", str(keys / "hospital-0.key")])
+    assert code == 2 and "refusing a secret" in err, err
+    code, _, err = run([*base, "--registry", str(keys / "registry.pub"), "--server-key", "x"])
+    assert code == 2 and "--server-key is for he" in err
+    code, out, err = run([*base, "--registry", str(keys / "registry.pub")])
+    assert code == 0, err
+    assert "secagg" in out and "--group-mask-key group-mask.key" in out
+    return admin, tokens, keys, initial
+
+
+def test_secagg_participate_refuses_missing_or_foreign_key_files(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    _, tokens, keys, _ = _secagg_consortium(tmp_path, monkeypatch, capsys)
+    other = tmp_path / "other"
+    run(["keys", "generate", "--protection", "secagg", "--hospitals", "3", "--out", str(other)])
+    base = ["portal", "participate", "sa", "--out", str(tmp_path / "h0"), "--token", tokens[0]]
+    mine = ["--key", str(keys / "hospital-0.key")]
+    mask = ["--group-mask-key", str(keys / "group-mask.key")]
+    cases = [
+        ([], "pass --key"),
+        (mine, "--group-mask-key"),
+        (["--key", str(other / "hospital-0.key"), *mask], "was not generated with this registry"),
+        ([*mine, "--group-mask-key", str(other / "group-mask.key")], "another consortium"),
+        (
+            [*mine, *mask, "--registry", str(other / "registry.pub")],
+            "is not federation 'sa''s registry",
+        ),
+    ]
+    for extra, message in cases:
+        code, _, err = run([*base, *extra])
+        assert code == 2 and message in err, (extra, err)
+        assert err.count("\n") == 1
+
+
+def test_secagg_participate_three_hospitals_in_process(
+    portal_app: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``participate`` (the library loop) for three hospitals at once, one round."""
+    import threading
+
+    from fedcrypt.portal.participant import ParticipationConfig, participate
+    from fedcrypt.portal.secagg import params_from_json
+
+    _, tokens, keys, _ = _secagg_consortium(tmp_path, monkeypatch, capsys)
+    results: dict[int, object] = {}
+
+    def hospital(i: int) -> None:
+        client = PortalClient("http://testserver", token=tokens[i], http=TestClient(portal_app.app))
+        config = ParticipationConfig(
+            client_id=i,
+            num_clients=3,
+            key_file=keys / f"hospital-{i}.key",
+            group_mask_file=keys / "group-mask.key",
+            poll_s=0.05,
+            timeout_s=120,
+        )
+        try:
+            results[i] = participate(
+                client, "sa", config=config, rounds=1, out_dir=tmp_path / f"h{i}"
+            )
+        except Exception as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=hospital, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    outcomes = []
+    for i in range(3):
+        assert isinstance(results[i], list), results[i]
+        (outcome,) = results[i]  # type: ignore[misc]
+        assert outcome.contributed and outcome.protocol_round == 1
+        outcomes.append(outcome)
+    finals = [flatten(torch.load(o.global_model, weights_only=True)) for o in outcomes]
+    locals_ = [flatten(torch.load(o.local_model, weights_only=True)) for o in outcomes]
+    for f in finals[1:]:
+        np.testing.assert_array_equal(f, finals[0])
+    n = [o.num_examples for o in outcomes]
+    fedavg = sum(w * v for w, v in zip(n, locals_, strict=True)) / sum(n)
+    client = PortalClient("http://testserver", token=tokens[0], http=portal_app)
+    params = params_from_json(client.federation("sa").secagg_params)
+    assert np.max(np.abs(finals[0] - fedavg)) <= params.error_bound(3, sum(n)) + 1e-9
+    assert (tmp_path / "h0" / "secagg-state-hospital-0").is_file()
+    # status shows the session
+    code, out, err = _run(["portal", "status", "sa", "--token", tokens[0]], monkeypatch, capsys)
+    assert code == 0, err
+    assert "done" in out and "dropped out: none" in out

@@ -490,12 +490,21 @@ def create_federation(
     protection: Annotated[
         str,
         typer.Option(
-            help="he (homomorphic encryption) or plain; ckks is a deprecated alias of he."
+            help="he (homomorphic encryption), secagg (secure aggregation: the portal relays "
+            "its stages) or plain; ckks is a deprecated alias of he."
         ),
     ] = "he",
     server_key: Annotated[
         Path | None,
         typer.Option("--server-key", help="he: the public server.key (never hospital.key)."),
+    ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            "--registry",
+            help="secagg: the consortium's public registry.pub from 'fedcrypt keys generate "
+            "--protection secagg' (never a hospital-<i>.key or group-mask.key).",
+        ),
     ] = None,
     he_preset: Annotated[
         str | None,
@@ -518,8 +527,22 @@ def create_federation(
     from fedcrypt.protection.registry import get_scheme
 
     protection = cli_protection(protection)
-    if get_scheme(protection).key_pair and server_key is None:
+    scheme = get_scheme(protection)
+    if scheme.key_pair and server_key is None:
         raise ConfigError("an he federation needs --server-key (the public server.key)")
+    if scheme.staged and registry is None:
+        raise ConfigError(
+            "a secagg federation needs --registry (the public registry.pub from 'fedcrypt "
+            "keys generate --protection secagg')"
+        )
+    if server_key is not None and not scheme.key_pair:
+        raise ConfigError(f"--server-key is for he federations, not {scheme.name}")
+    if registry is not None and not scheme.staged:
+        raise ConfigError(f"--registry is for secagg federations, not {scheme.name}")
+    if registry is not None:
+        from fedcrypt.protection.secagg.keys import load_registry
+
+        load_registry(registry)  # a secret key file is refused here, before anything is sent
     if not initial_model.is_file():
         raise ConfigError(f"initial model not found: {initial_model}")
     try:
@@ -548,6 +571,8 @@ def create_federation(
         )
         if server_key is not None:
             fed = client.put_server_key(fed.id, server_key)
+        if registry is not None:
+            fed = client.put_registry(fed.id, registry)
         fed = client.put_initial_model(fed.id, initial_model, model_size=size)
     console.print(
         f"federation {fed.name!r} (id {fed.id}) is {fed.status}: {fed.protection}, quorum "
@@ -692,17 +717,40 @@ def status(federation: FedRef, url: Url = DEFAULT_URL, token: Token = None) -> N
             f"[bold]{fed.name}[/bold] (id {fed.id}): {fed.status}, {fed.protection}, model "
             f"{fed.model} ({fed.model_size or '?'} values), quorum {fed.quorum}"
         )
-        table = Table("round", "status", "uploads", "deadline (UTC)", "aggregate", "mine")
+        staged = any(r.stage is not None for r in rounds)
+        table = Table(
+            "round",
+            "status",
+            *(["stage", "masked updates"] if staged else ["uploads"]),
+            "deadline (UTC)",
+            "aggregate",
+            *([] if staged else ["mine"]),
+        )
         for r in rounds:
+            deadline = r.stage_deadline_at if r.stage_deadline_at else r.deadline_at
             table.add_row(
                 str(r.number),
                 r.status,
+                *([r.stage or "-"] if staged else []),
                 f"{r.num_uploads}/{r.expected_uploads}",
-                f"{r.deadline_at:%Y-%m-%d %H:%M:%S}",
+                f"{deadline:%Y-%m-%d %H:%M:%S}",
                 f"{r.aggregate_size} B" if r.aggregate_size else "-",
-                "yes" if r.uploaded_by_me else "",
+                *([] if staged else ["yes" if r.uploaded_by_me else ""]),
             )
         console.print(table)
+        if staged and rounds:
+            for att in client.secagg_sessions(fed.id, rounds[-1].number)[-1:]:
+                gone = [
+                    f"{h.hospital} (hospital {h.hospital_id}) at {h.stage}: {h.reason}"
+                    for h in att.hospitals
+                    if h.status == "dropped"
+                ]
+                console.print(
+                    f"round {rounds[-1].number} session (protocol round "
+                    f"{att.protocol_round or '-'}): {att.stage}, threshold "
+                    f"{att.threshold or '-'}; dropped out: {'; '.join(gone) or 'none'}",
+                    markup=False,
+                )
         if rounds and rounds[-1].error:
             console.print(f"round {rounds[-1].number}: {rounds[-1].error}", markup=False)
         if fed.join_command and fed.status == "running":
@@ -917,7 +965,36 @@ def participate(
         ),
     ] = None,
     key: Annotated[
-        Path | None, typer.Option("--key", help="he: your hospital.key (secret).")
+        Path | None,
+        typer.Option(
+            "--key",
+            help="he: the consortium's hospital.key; secagg: your own hospital-<i>.key "
+            "(secret, either way).",
+        ),
+    ] = None,
+    group_mask_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--group-mask-key",
+            help="secagg: the consortium's group-mask.key (secret, hospitals only).",
+        ),
+    ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            "--registry",
+            help="secagg: the consortium's registry.pub (checked against your key file).",
+            show_default="downloaded from the portal",
+        ),
+    ] = None,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-file",
+            help="secagg: the protocol rounds this hospital joined (never joins one twice); "
+            "keep one per key.",
+            show_default="OUT/secagg-state-hospital-<i>",
+        ),
     ] = None,
     task: Annotated[
         str | None,
@@ -937,7 +1014,11 @@ def participate(
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """Run this hospital's loop for N rounds: train, protect, upload, decrypt, report."""
+    """Run this hospital's loop for N rounds: train, protect, upload, decrypt, report.
+
+    Under secagg: enrol with your hospital-<i>.key, then per round join, answer the five
+    secure-aggregation stages as the portal relays them, unmask the aggregate, report.
+    """
     from fedcrypt.portal.participant import ParticipationConfig
     from fedcrypt.portal.participant import participate as run
 
@@ -956,6 +1037,9 @@ def participate(
         batch_size=batch_size,
         image_size=image_size,
         key_file=key,
+        group_mask_file=group_mask_key,
+        registry_file=registry,
+        state_file=state_file,
         eval_split=eval_split,  # type: ignore[arg-type]
         poll_s=poll,
         timeout_s=timeout,

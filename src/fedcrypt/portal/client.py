@@ -18,6 +18,10 @@ from fedcrypt.portal.schemas import (
     FederationPublic,
     MetricsPublic,
     RoundPublic,
+    SecAggAttemptPublic,
+    SecAggMemberPublic,
+    SecAggReplyPublic,
+    SecAggTurn,
     TokenPublic,
     UploadPublic,
     UserPublic,
@@ -266,6 +270,24 @@ class PortalClient:
             )
         return FederationPublic.model_validate(r.json())
 
+    def put_registry(self, federation_id: int, path: Path) -> FederationPublic:
+        """Upload a secagg federation's public ``registry.pub`` (admin)."""
+        with open(path, "rb") as f:
+            r = self._request(
+                "PUT",
+                f"/federations/{federation_id}/registry",
+                what="registry upload",
+                content=f,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        return FederationPublic.model_validate(r.json())
+
+    def download_registry(self, federation_id: int, dest: Path) -> str:
+        """Download a secagg federation's public ``registry.pub``; return its SHA-256."""
+        return self._download(
+            f"/federations/{federation_id}/registry", dest, what="registry download"
+        )
+
     def put_initial_model(
         self, federation_id: int, path: Path, *, model_size: int | None = None
     ) -> FederationPublic:
@@ -385,6 +407,87 @@ class PortalClient:
             "GET", f"/federations/{federation_id}/rounds/{number}/metrics", what="metrics"
         )
         return [MetricsPublic.model_validate(x) for x in r.json()]
+
+    # --- secagg ---------------------------------------------------------------------------
+
+    def secagg_enrol(
+        self, federation_id: int, *, hospital_id: int, signature: str
+    ) -> SecAggMemberPublic:
+        """Enrol this account as hospital ``hospital_id`` of the registry (signed proof)."""
+        r = self._request(
+            "POST",
+            f"/federations/{federation_id}/secagg/members",
+            what="secagg enrolment",
+            json={"hospital_id": hospital_id, "signature": signature},
+        )
+        return SecAggMemberPublic.model_validate(r.json())
+
+    def secagg_members(self, federation_id: int) -> list[SecAggMemberPublic]:
+        """The hospitals enrolled in a secagg federation."""
+        r = self._request(
+            "GET", f"/federations/{federation_id}/secagg/members", what="secagg members"
+        )
+        return [SecAggMemberPublic.model_validate(x) for x in r.json()]
+
+    def secagg_turn(self, federation_id: int, number: int) -> SecAggTurn:
+        """What this hospital should do now in round ``number``."""
+        r = self._request(
+            "GET",
+            f"/federations/{federation_id}/rounds/{number}/secagg/turn",
+            what=f"secagg turn of round {number}",
+        )
+        return SecAggTurn.model_validate(r.json())
+
+    def secagg_join(self, federation_id: int, number: int) -> SecAggTurn:
+        """Check in for round ``number``'s secure-aggregation session."""
+        r = self._request(
+            "POST",
+            f"/federations/{federation_id}/rounds/{number}/secagg/join",
+            what=f"joining round {number}",
+        )
+        return SecAggTurn.model_validate(r.json())
+
+    def secagg_request(self, federation_id: int, number: int) -> tuple[str, bytes]:
+        """The request awaiting this hospital's answer: ``(stage, bytes)`` (checksum checked).
+
+        Raises
+        ------
+        PortalClientError
+            If none awaits it, or the download is corrupt.
+        """
+        r = self._request(
+            "GET",
+            f"/federations/{federation_id}/rounds/{number}/secagg/request",
+            what=f"secagg request of round {number}",
+        )
+        data = r.content
+        expected = r.headers.get("x-content-sha256")
+        if expected and hashlib.sha256(data).hexdigest() != expected:
+            raise PortalClientError(f"the secagg request of round {number} arrived corrupt")
+        return str(r.headers.get("x-secagg-stage", "")), data
+
+    def secagg_reply(self, federation_id: int, number: int, data: bytes) -> SecAggReplyPublic:
+        """Send this hospital's signed reply to the running stage of round ``number``."""
+        r = self._request(
+            "PUT",
+            f"/federations/{federation_id}/rounds/{number}/secagg/reply",
+            what=f"secagg reply for round {number}",
+            content=data,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Content-SHA256": hashlib.sha256(data).hexdigest(),
+            },
+        )
+        return SecAggReplyPublic.model_validate(r.json())
+
+    def secagg_sessions(self, federation_id: int, number: int) -> list[SecAggAttemptPublic]:
+        """Round ``number``'s secure-aggregation sessions with their stage progress."""
+        r = self._request(
+            "GET",
+            f"/federations/{federation_id}/rounds/{number}/secagg",
+            what=f"secagg progress of round {number}",
+        )
+        return [SecAggAttemptPublic.model_validate(x) for x in r.json()]
 
     def wait_for_aggregate(
         self,

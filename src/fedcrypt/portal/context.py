@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
@@ -19,6 +20,7 @@ from fedcrypt.portal.db import make_engine, make_sessionmaker, utcnow
 from fedcrypt.portal.security import LoginRateLimiter
 from fedcrypt.portal.storage import BlobStore
 from fedcrypt.protection.base import ServerAggregator
+from fedcrypt.protection.secagg.keys import Registry
 
 
 @dataclass
@@ -37,6 +39,10 @@ class Portal:
     ip_limiter: LoginRateLimiter
     clock: Callable[[], datetime] = utcnow
     aggregators: dict[str, ServerAggregator] = field(default_factory=dict)
+    #: secagg: parsed registries by blob hash, and running sessions' protocol servers
+    #: by attempt id (rebuilt from the database when missing, e.g. after a restart).
+    registries: dict[str, Registry] = field(default_factory=dict)
+    relays: dict[int, Any] = field(default_factory=dict)
     aggregation_lock: threading.Lock = field(default_factory=threading.Lock)
     blob_lock: threading.Lock = field(default_factory=threading.Lock)
     validation_slots: threading.BoundedSemaphore = field(

@@ -1,4 +1,4 @@
-"""Database tables: accounts, tokens, federations, rounds, uploads, metrics, audit log."""
+"""Database tables: accounts, tokens, federations, rounds, uploads, secagg relay, metrics, audit."""
 
 from __future__ import annotations
 
@@ -39,6 +39,23 @@ ROUND_FAILED = "failed"
 ROUND_CANCELLED = "cancelled"
 #: Rounds that take uploads.
 ROUND_ACCEPTING = (ROUND_OPEN, ROUND_FAILED)
+
+#: A secagg attempt collecting check-ins before its session starts.
+ATTEMPT_JOIN = "join"
+#: A secagg attempt whose aggregate was published.
+ATTEMPT_DONE = "done"
+#: A secagg attempt that ended with too few hospitals (or a protocol failure).
+ATTEMPT_FAILED = "failed"
+#: A secagg attempt of a round that was cancelled (or of a federation back in draft).
+ATTEMPT_ABANDONED = "abandoned"
+#: A hospital checked in to an attempt (stage ``join``).
+MSG_JOINED = "joined"
+#: The relay holds a request for the hospital and waits for its reply.
+MSG_ASKED = "asked"
+#: The hospital's reply was accepted by the protocol.
+MSG_ANSWERED = "answered"
+#: The stage closed without a valid reply from the hospital: it dropped out there.
+MSG_DROPPED = "dropped"
 
 
 class User(Base):
@@ -102,7 +119,10 @@ class Federation(Base):
 
     The training settings (``local_epochs``, ``lr``, ``batch_size``, ``image_size``)
     are the federation's; ``local_overrides`` (comma-separated setting names) lists
-    those a hospital may set differently on its own machine.
+    those a hospital may set differently on its own machine. ``server_key_sha256``,
+    ``server_key_size`` and ``key_fingerprint`` are the public key material the portal
+    holds: ``he``'s ``server.key``, or ``secagg``'s ``registry.pub`` (then the
+    fingerprint is the registry's).
     """
 
     __tablename__ = "federations"
@@ -130,6 +150,8 @@ class Federation(Base):
     server_key_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     server_key_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     key_fingerprint: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: secagg: the consortium's ``SecAggParams`` as JSON (fixed with the registry).
+    secagg_params: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -227,6 +249,103 @@ class MetricReport(Base):
 
     round: Mapped[Round] = relationship(back_populates="metrics")
     user: Mapped[User] = relationship()
+
+
+class SecAggMember(Base):
+    """A hospital account enrolled in a secagg federation as one hospital of its registry.
+
+    The enrolment is signed with that hospital's identity key (proof of possession), so
+    every later reply is authenticated twice: by the account's API token and by the
+    registry key of ``hospital_id``.
+    """
+
+    __tablename__ = "secagg_members"
+    __table_args__ = (
+        UniqueConstraint("federation_id", "user_id"),
+        UniqueConstraint("federation_id", "hospital_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(
+        ForeignKey("federations.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    hospital_id: Mapped[int] = mapped_column(BigInteger)
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    user: Mapped[User] = relationship()
+
+
+class SecAggAttempt(Base):
+    """One secure-aggregation session of a round (a failed one is followed by another).
+
+    ``stage`` is ``join`` (collecting check-ins), a protocol stage (``advertise`` ...
+    ``unmask``: the relay waits for those replies), ``done``, ``failed`` or
+    ``abandoned``. ``protocol_round`` is the session's round number in the protocol: it
+    increases over the federation's attempts, so a hospital never joins one twice.
+    ``config`` is the session's ``RoundConfig`` as JSON (public: it holds the nonce).
+    """
+
+    __tablename__ = "secagg_attempts"
+    __table_args__ = (UniqueConstraint("federation_id", "protocol_round"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(
+        ForeignKey("federations.id", ondelete="CASCADE"), index=True
+    )
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    protocol_round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stage_deadline_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stage_timeout_s: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    config: Mapped[str | None] = mapped_column(Text, nullable=True)
+    threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    num_invited: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    server_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    round: Mapped[Round] = relationship()
+    messages: Mapped[list[SecAggMessage]] = relationship(
+        back_populates="attempt", order_by="SecAggMessage.id", cascade="all, delete-orphan"
+    )
+
+
+class SecAggMessage(Base):
+    """One hospital in one stage of an attempt: its check-in, or a request and its reply.
+
+    ``status``: ``joined`` (stage ``join``), ``asked``, ``answered`` or ``dropped``.
+    Requests and replies are opaque protocol messages kept in the blob store while the
+    attempt runs (the relay rebuilds its state from them after a restart) and deleted
+    when it ends; their digests and sizes stay. ``refusals`` counts replies the protocol
+    refused (``error`` holds the last reason).
+    """
+
+    __tablename__ = "secagg_messages"
+    __table_args__ = (UniqueConstraint("attempt_id", "member_id", "stage"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt_id: Mapped[int] = mapped_column(
+        ForeignKey("secagg_attempts.id", ondelete="CASCADE"), index=True
+    )
+    member_id: Mapped[int] = mapped_column(
+        ForeignKey("secagg_members.id", ondelete="CASCADE"), index=True
+    )
+    stage: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    asked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    request_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reply_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reply_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    replied_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    refusals: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    attempt: Mapped[SecAggAttempt] = relationship(back_populates="messages")
+    member: Mapped[SecAggMember] = relationship()
 
 
 class AuditEvent(Base):

@@ -31,7 +31,7 @@ RETRIES = 120
 RETRY_SLEEP_S = 1.0
 
 
-def _retry(say: EventHook, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def retry(say: EventHook, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``call(*args, **kwargs)``, retrying while the portal is unreachable (~2 min)."""
     for attempt in range(RETRIES):
         try:
@@ -74,7 +74,19 @@ class ParticipationConfig:
         Local training settings; None takes the federation's. A value the federation
         fixes (not in its ``local_overrides``) is refused when it differs.
     key_file : pathlib.Path or None
-        The hospital key file (secret; required for ``ckks``).
+        The hospital's secret key file: ``he``'s consortium ``hospital.key``, or under
+        ``secagg`` this hospital's own identity key ``hospital-<i>.key`` (required for
+        both).
+    group_mask_file : pathlib.Path or None
+        ``secagg``: the consortium's ``group-mask.key`` (secret, hospitals only);
+        required when the registry says the consortium uses the group mask.
+    registry_file : pathlib.Path or None
+        ``secagg``: the consortium's ``registry.pub``; None downloads the federation's
+        (it is checked against the fingerprint ``key_file`` names either way).
+    state_file : pathlib.Path or None
+        ``secagg``: where this hospital records the protocol rounds it joined, so it never
+        joins one twice (default: ``<out>/secagg-state-hospital-<i>``). Keep one per
+        identity key.
     eval_split : {"val", "test"}
         Which local split the global model is evaluated on (default: ``"val"``).
     poll_s : float
@@ -97,6 +109,9 @@ class ParticipationConfig:
     lr: float | None = None
     image_size: int | None = None
     key_file: Path | None = None
+    group_mask_file: Path | None = None
+    registry_file: Path | None = None
+    state_file: Path | None = None
     eval_split: Literal["val", "test"] = "val"
     poll_s: float = 2.0
     timeout_s: float = 3600.0
@@ -149,7 +164,15 @@ class ParticipationConfig:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What one round did at this hospital (also written to ``participation.json``)."""
+    """What one round did at this hospital (also written to ``participation.json``).
+
+    ``upload_bytes``/``download_bytes``: what it sent and received in the round (its
+    update, or under ``secagg`` its five replies and requests, plus the aggregate);
+    ``protect_seconds``: time spent protecting (``secagg``: in the five protocol
+    stages, training excluded); ``round_seconds``: wall time from the start of the round
+    to the decrypted aggregate. ``contributed`` says whether its update is in the
+    aggregate, ``protocol_round`` is the secagg session's round number.
+    """
 
     round: int
     num_examples: int
@@ -164,6 +187,10 @@ class RoundOutcome:
     eval_examples: int
     local_model: str
     global_model: str
+    download_bytes: int = 0
+    round_seconds: float = 0.0
+    contributed: bool = True
+    protocol_round: int | None = None
 
 
 def _protection(
@@ -243,34 +270,24 @@ def participate(
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     fed = client.federation(federation)
+    if get_scheme(fed.protection).staged:
+        from fedcrypt.portal.secagg_participant import participate_secagg
+
+        return participate_secagg(
+            client, fed, config=config, rounds=rounds, out_dir=out_dir, say=say
+        )
     _protection(fed, config.key_file)  # a missing or wrong key fails before any work
     start = _current_round(client.rounds(fed.id), fed)
-
-    if fed.status == "cancelled":
-        raise PortalClientError(
-            f"federation {fed.name!r} was cancelled"
-            + (f": {fed.cancel_reason}" if fed.cancel_reason else "")
-        )
-    run_config = config.run_config(fed)
-    site = LocalSite(
-        task_for(run_config),
-        config=run_config,
-        hospital=config.client_id,
-        num_hospitals=config.num_clients,
-    )
+    check_not_cancelled(fed)
+    site = make_site(fed, config, protection=None)
     # the model's layout: HE quantizes tensor by tensor (integer buffers exactly)
     site.protection = _protection(fed, config.key_file, layout=site.layout)
-    if fed.model_size is not None and site.layout.size != fed.model_size:
-        raise ConfigError(
-            f"model {fed.model!r} on {config.task or config.dataset} has {site.layout.size} "
-            f"values but the federation's model has {fed.model_size}: check --dataset/--task"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if start == 1:
         path = out_dir / "initial.pt"
         client.download_initial_model(fed.id, path)
-        vector = _state_vector(path, site)
+        vector = state_vector(path, site)
         say(f"round 1: loaded the initial model ({site.layout.size} values)")
     else:
         path = out_dir / f"round-{start - 1}" / "aggregate.fcry"
@@ -279,7 +296,7 @@ def participate(
         vector = site.unprotect(path.read_bytes())[0].mean
         say(f"joined at round {start}: decrypted the aggregate of round {start - 1}")
 
-    split = "val" if config.eval_split == "val" else "test"
+    split: Literal["val", "test"] = "val" if config.eval_split == "val" else "test"
     outcomes: list[RoundOutcome] = []
     member = False
     for r in range(start, min(start + rounds, fed.num_rounds + 1)):
@@ -296,7 +313,7 @@ def participate(
             f"protected with {fed.protection} in {protect_s:.2f} s ({len(blob) / 1e6:.2f} MB)"
         )
         try:
-            _retry(say, "upload", client.upload_update, fed.id, r, update_path)
+            retry(say, "upload", client.upload_update, fed.id, r, update_path)
             member = True
             say(f"round {r}: uploaded; waiting for the other hospitals")
         except PortalClientError as exc:
@@ -309,20 +326,13 @@ def participate(
         client.wait_for_aggregate(fed.id, r, poll_s=config.poll_s, timeout_s=config.timeout_s)
         wait_s = time.perf_counter() - t0
         agg_path = rdir / "aggregate.fcry"
-        _retry(say, "download", client.download_aggregate, fed.id, r, agg_path)
+        retry(say, "download", client.download_aggregate, fed.id, r, agg_path)
         result, decrypt_s = site.unprotect(agg_path.read_bytes())
         vector = result.mean
-        metrics, _ = site.evaluate(vector)
-        site.save(rdir / "global.pt")
-        if f"{split}-loss" not in metrics:
-            split = "test" if split == "val" else "val"
-        loss = float(metrics[f"{split}-loss"])
-        accuracy = float(metrics[f"{split}-accuracy"])
-        auc_v = float(metrics[f"{split}-auc"])
-        auc = auc_v if math.isfinite(auc_v) else None
-        n_eval = int(metrics[f"{split}-examples"])
+        ev = evaluate_global(site, vector, split=split, path=rdir / "global.pt")
+        split, loss, accuracy, auc, n_eval = ev.split, ev.loss, ev.accuracy, ev.auc, ev.examples
         if member:
-            _retry(
+            retry(
                 say,
                 "report",
                 client.report_metrics,
@@ -349,7 +359,7 @@ def participate(
             global_model=str(rdir / "global.pt"),
         )
         outcomes.append(outcome)
-        _write_record(out_dir, fed, outcomes)
+        write_record(out_dir, fed, outcomes)
         say(
             f"round {r}: aggregate of {result.num_updates} hospitals ({result.total_examples} "
             f"examples) decrypted; {split} loss {loss:.4f}, accuracy "
@@ -359,7 +369,81 @@ def participate(
     return outcomes
 
 
-def _state_vector(path: Path, site: LocalSite) -> NDArray[np.float64]:
+def check_not_cancelled(fed: FederationPublic) -> None:
+    """Refuse a cancelled federation.
+
+    Raises
+    ------
+    PortalClientError
+        With the admin's reason.
+    """
+    if fed.status == "cancelled":
+        raise PortalClientError(
+            f"federation {fed.name!r} was cancelled"
+            + (f": {fed.cancel_reason}" if fed.cancel_reason else "")
+        )
+
+
+def make_site(
+    fed: FederationPublic, config: ParticipationConfig, *, protection: HospitalProtection | None
+) -> LocalSite:
+    """This hospital's :class:`LocalSite` for the federation's settings.
+
+    Raises
+    ------
+    fedcrypt.exceptions.ConfigError
+        If a fixed setting is overridden, or the model does not have the federation's
+        number of values.
+    """
+    run_config = config.run_config(fed)
+    site = LocalSite(
+        task_for(run_config),
+        config=run_config,
+        hospital=config.client_id,
+        num_hospitals=config.num_clients,
+        protection=protection,
+    )
+    if fed.model_size is not None and site.layout.size != fed.model_size:
+        raise ConfigError(
+            f"model {fed.model!r} on {config.task or config.dataset} has {site.layout.size} "
+            f"values but the federation's model has {fed.model_size}: check --dataset/--task"
+        )
+    return site
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The global model's metrics on one local split."""
+
+    split: Literal["val", "test"]
+    loss: float
+    accuracy: float
+    auc: float | None
+    examples: int
+
+
+def evaluate_global(
+    site: LocalSite, vector: NDArray[np.floating], *, split: Literal["val", "test"], path: Path
+) -> Evaluation:
+    """Evaluate the global model ``vector`` (shape ``(P,)``) and save it to ``path``.
+
+    ``split`` falls back to the other split when this site has none of it.
+    """
+    metrics, _ = site.evaluate(vector)
+    site.save(path)
+    if f"{split}-loss" not in metrics:
+        split = "test" if split == "val" else "val"
+    auc_v = float(metrics[f"{split}-auc"])
+    return Evaluation(
+        split=split,
+        loss=float(metrics[f"{split}-loss"]),
+        accuracy=float(metrics[f"{split}-accuracy"]),
+        auc=auc_v if math.isfinite(auc_v) else None,
+        examples=int(metrics[f"{split}-examples"]),
+    )
+
+
+def state_vector(path: Path, site: LocalSite) -> NDArray[np.float64]:
     """The published initial model as this site's flat vector (keys and shapes checked)."""
 
     model = site.model
@@ -367,7 +451,8 @@ def _state_vector(path: Path, site: LocalSite) -> NDArray[np.float64]:
     return flatten(model.state_dict())
 
 
-def _write_record(out_dir: Path, fed: FederationPublic, outcomes: list[RoundOutcome]) -> None:
+def write_record(out_dir: Path, fed: FederationPublic, outcomes: list[RoundOutcome]) -> None:
+    """Write ``participation.json`` (atomically): the federation and each round's outcome."""
     record = {
         "federation": {"id": fed.id, "name": fed.name, "protection": fed.protection},
         "rounds": [asdict(o) for o in outcomes],

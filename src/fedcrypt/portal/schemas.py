@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -173,11 +174,6 @@ def _protection_name(value: object) -> object:
             scheme = get_scheme(value)
     except ValueError as exc:  # ConfigError is a ValueError
         raise ValueError(str(exc)) from None
-    if scheme.staged:
-        raise ValueError(
-            f"{scheme.name} ({scheme.title}) is a multi-stage protocol; the portal relays "
-            "single-message protection only (plain, he)"
-        )
     return scheme.name
 
 
@@ -261,8 +257,11 @@ class FederationCreate(BaseModel):
             raise ValueError("give a task (which brings its own data) or a dataset, not both")
         from fedcrypt.protection.registry import get_scheme
 
-        if not get_scheme(self.protection).key_pair and self.he_preset is not None:
+        scheme = get_scheme(self.protection)
+        if not scheme.key_pair and self.he_preset is not None:
             raise ValueError("an HE preset applies to protection 'he' only")
+        if scheme.staged and self.quorum < 2:
+            raise ValueError("a secagg round needs at least 2 hospitals: quorum must be >= 2")
         return self
 
 
@@ -340,6 +339,7 @@ class FederationPublic(BaseModel):
     initial_model_size: int | None
     server_key_sha256: str | None
     key_fingerprint: str | None
+    secagg_params: dict[str, Any] | None = None
     current_round: int | None = None
     created_at: datetime
     cancelled_at: datetime | None = None
@@ -356,6 +356,13 @@ class FederationPublic(BaseModel):
     def _stored_overrides(cls, v: object) -> object:
         if isinstance(v, str):
             return [x for x in v.split(",") if x]
+        return v
+
+    @field_validator("secagg_params", mode="before")
+    @classmethod
+    def _stored_params(cls, v: object) -> object:
+        if isinstance(v, str):
+            return json.loads(v)
         return v
 
 
@@ -387,7 +394,16 @@ class UploadExclude(BaseModel):
 
 
 class RoundPublic(BaseModel):
-    """A round's state."""
+    """A round's state.
+
+    Under ``secagg``: ``num_uploads`` counts the masked updates of the current session
+    (``num_updates`` once aggregated), ``expected_uploads`` the hospitals it invited
+    (enrolled hospitals while it collects check-ins, ``num_joined`` of them so far);
+    ``stage`` is ``join``, a protocol stage (``advertise`` ... ``unmask``), ``done`` or
+    ``failed``, with ``stage_deadline_at``; ``protocol_round`` is the session's round
+    number in the protocol (it increases over sessions). ``total_examples`` stays
+    ``None``: the example counts are masked with the updates.
+    """
 
     number: int
     status: str
@@ -406,6 +422,11 @@ class RoundPublic(BaseModel):
     failed_upload_id: int | None = None
     num_excluded: int = 0
     uploaded_by_me: bool = False
+    num_updates: int | None = None
+    stage: str | None = None
+    stage_deadline_at: datetime | None = None
+    protocol_round: int | None = None
+    num_joined: int | None = None
 
 
 class MetricsCreate(BaseModel):
@@ -444,3 +465,106 @@ class AuditEventPublic(BaseModel):
     target: str
     detail: str
     client_ip: str
+
+
+# --- secagg relay ---------------------------------------------------------------------
+
+
+class SecAggEnrol(BaseModel):
+    """A hospital's enrolment: its registry id and its signature (proof of possession)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hospital_id: int = Field(ge=0, le=MAX_ID)
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class SecAggMemberPublic(BaseModel):
+    """A hospital account enrolled as one hospital of the federation's registry."""
+
+    hospital_id: int
+    user_id: int
+    hospital: str
+    enrolled_at: datetime
+
+
+class SecAggTurn(BaseModel):
+    """What one hospital should do now in a round of a secagg federation.
+
+    ``action``: ``enrol`` (first enrol in the federation), ``join`` (check in for the
+    round's session), ``answer`` (a request of ``stage`` awaits this hospital's reply:
+    download it, answer it), ``wait`` (for the other hospitals), ``follow`` (this
+    hospital is not in the running session: it dropped out or joined too late; it
+    follows the global model from the round's aggregate), ``aggregated`` (download the
+    aggregate) or ``closed`` (the round or federation was cancelled).
+    """
+
+    round: int
+    round_status: str
+    action: str
+    stage: str | None = None
+    attempt: int | None = None
+    protocol_round: int | None = None
+    stage_deadline_at: datetime | None = None
+    request_sha256: str | None = None
+    request_size: int | None = None
+    detail: str = ""
+
+
+class SecAggReplyPublic(BaseModel):
+    """An accepted stage reply."""
+
+    round: int
+    stage: str
+    hospital_id: int
+    size: int
+    sha256: str
+    stage_closed: bool
+
+
+class SecAggStageProgress(BaseModel):
+    """One stage of a session: hospitals asked, answered, dropped out."""
+
+    stage: str
+    asked: int
+    answered: int
+    dropped: int
+    opened_at: datetime
+
+
+class SecAggHospitalProgress(BaseModel):
+    """One hospital in a session: how far it got, where it dropped out, bytes relayed."""
+
+    hospital_id: int
+    user_id: int
+    hospital: str
+    status: str
+    stage: str | None = None
+    reason: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class SecAggAttemptPublic(BaseModel):
+    """One secure-aggregation session of a round, with its stage progress.
+
+    ``hospitals[*].status``: ``joined`` (waiting for the session to start), ``asked``
+    (its reply to ``stage`` is awaited), ``answered`` (it answered ``stage``, the latest
+    stage it was asked), ``contributed`` (its update is in the aggregate), ``dropped``
+    (at ``stage``, with the ``reason``: no answer by the deadline, or the last reply the
+    protocol refused).
+    """
+
+    attempt: int
+    protocol_round: int | None
+    stage: str
+    threshold: int | None
+    invited: int | None
+    opened_at: datetime
+    started_at: datetime | None
+    closed_at: datetime | None
+    stage_deadline_at: datetime
+    server_seconds: float
+    error: str | None
+    stages: list[SecAggStageProgress]
+    hospitals: list[SecAggHospitalProgress]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fedcrypt.portal.routes import audit, auth, federations, hospitals, rounds, uploads, users
+from fedcrypt.portal.routes import (
+    audit,
+    auth,
+    federations,
+    hospitals,
+    rounds,
+    secagg,
+    uploads,
+    users,
+)
 
 api_router = APIRouter()
 api_router.include_router(auth.router)
@@ -12,5 +21,6 @@ api_router.include_router(users.router)
 api_router.include_router(hospitals.router)
 api_router.include_router(federations.router)
 api_router.include_router(rounds.router)
+api_router.include_router(secagg.router)
 api_router.include_router(uploads.router)
 api_router.include_router(audit.router)

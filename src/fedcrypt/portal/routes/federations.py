@@ -48,11 +48,11 @@ def list_federations(
     request: Request, db: SessionDep, _user: CurrentUser
 ) -> list[FederationPublic]:
     """Every federation, newest first."""
-    base = _base_url(request)
+    base = base_url_of(request)
     return [feds.to_public(db, f, base_url=base) for f in feds.list_federations(db)]
 
 
-def _base_url(request: Request) -> str:
+def base_url_of(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
@@ -72,7 +72,7 @@ def create_federation(
     protection and HE preset, and which of these a hospital may set locally.
     """
     fed = feds.create_federation(portal, db, body, actor=admin, client_ip=ip)
-    return feds.to_public(db, fed, base_url=_base_url(request))
+    return feds.to_public(db, fed, base_url=base_url_of(request))
 
 
 @router.get("/{federation_id}", response_model=FederationPublic)
@@ -80,7 +80,7 @@ def read_federation(
     request: Request, federation_id: FederationId, db: SessionDep, _user: CurrentUser
 ) -> FederationPublic:
     """One federation, with its settings and the command that joins it."""
-    return feds.to_public(db, feds.get_federation(db, federation_id), base_url=_base_url(request))
+    return feds.to_public(db, feds.get_federation(db, federation_id), base_url=base_url_of(request))
 
 
 @router.patch("/{federation_id}", response_model=FederationPublic)
@@ -101,7 +101,7 @@ def update_federation(
     """
     fed = feds.get_federation(db, federation_id)
     fed = feds.update_federation(portal, db, fed, body, actor=admin, client_ip=ip)
-    return feds.to_public(db, fed, base_url=_base_url(request))
+    return feds.to_public(db, fed, base_url=base_url_of(request))
 
 
 @router.post("/{federation_id}/cancel", response_model=FederationPublic)
@@ -117,7 +117,7 @@ def cancel_federation(
     """Cancel a federation (admin only): its open round closes and uploads are refused."""
     fed = feds.get_federation(db, federation_id)
     fed = feds.cancel_federation(portal, db, fed, reason=body.reason, actor=admin, client_ip=ip)
-    return feds.to_public(db, fed, base_url=_base_url(request))
+    return feds.to_public(db, fed, base_url=base_url_of(request))
 
 
 @router.get("/{federation_id}/participants", response_model=list[UserPublic])
@@ -146,7 +146,7 @@ async def put_server_key(
         with portal.session() as db:
             fed = feds.get_federation(db, federation_id)
             fed = feds.set_server_key(portal, db, fed, data, actor=admin, client_ip=ip)
-            return feds.to_public(db, fed, base_url=_base_url(request))
+            return feds.to_public(db, fed, base_url=base_url_of(request))
 
     return await run_in_threadpool(_store)
 
@@ -186,7 +186,7 @@ async def put_initial_model(
             fed = feds.publish_initial_model(
                 portal, db, fed, pending, model_size=x_model_size, actor=admin, client_ip=ip
             )
-            return feds.to_public(db, fed, base_url=_base_url(request))
+            return feds.to_public(db, fed, base_url=base_url_of(request))
 
     try:
         return await run_in_threadpool(_store)

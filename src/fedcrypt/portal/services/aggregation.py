@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -148,11 +149,21 @@ def maybe_aggregate(
     it is never left ``aggregating``. A failed round is retried only when forced or
     when a new upload arrives.
 
+    A ``secagg`` federation's round is relayed stage by stage instead
+    (:func:`fedcrypt.portal.services.relay.advance`: ``force`` starts its session or
+    closes the running stage).
+
     Raises
     ------
     fedcrypt.portal.errors.ConflictError
         Only when ``force`` is set and there is no open round or the quorum is not met.
     """
+    with portal.session() as db:
+        staged = feds.scheme_of(feds.get_federation(db, federation_id)).staged
+    if staged:
+        from fedcrypt.portal.services import relay  # relay imports this module
+
+        return relay.advance(portal, federation_id, force=force, actor=actor, client_ip=client_ip)
     with portal.aggregation_lock:
         with portal.session() as db:
             fed = feds.get_federation(db, federation_id)
@@ -292,37 +303,81 @@ def _publish(
         assert rnd is not None
         if rnd.status != ROUND_AGGREGATING:  # cancelled meanwhile
             raise RoundAggregationError(f"the round became {rnd.status} during aggregation", None)
-        now = portal.clock()
-        rnd.status = ROUND_AGGREGATED
-        rnd.aggregated_at = now
-        rnd.aggregate_sha256 = sha
-        rnd.aggregate_size = size
-        rnd.num_updates = num_updates
-        rnd.total_examples = total_examples
-        rnd.aggregation_seconds = seconds
-        rnd.error = None
-        rnd.failed_at = None
-        rnd.failed_upload_id = None
-        if number >= fed.num_rounds:
-            fed.status = FED_FINISHED
-            nxt = "federation finished"
-        else:
-            db.add(feds.open_round(fed, number + 1, now))
-            nxt = f"round {number + 1} opened"
-        record(
+        finish_round(
             db,
-            at=now,
+            fed,
+            rnd,
+            now=portal.clock(),
+            sha=sha,
+            size=size,
+            num_updates=num_updates,
+            total_examples=total_examples,
+            seconds=seconds,
             actor=actor,
-            actor_label=SERVER_ACTOR,
-            action="round.aggregate",
-            target=f"{fed.name} round {number}",
-            detail=(
-                f"{num_updates} updates, {total_examples} examples, {size} bytes, "
-                f"{seconds:.2f} s{' (forced)' if force else ''}; {nxt}"
-            ),
             client_ip=client_ip,
+            detail=(
+                f"{num_updates} updates, {total_examples} examples" + (" (forced)" if force else "")
+            ),
         )
         db.commit()
+
+
+def finish_round(
+    db: Session,
+    fed: Federation,
+    rnd: Round,
+    *,
+    now: datetime,
+    sha: str,
+    size: int,
+    num_updates: int,
+    total_examples: int | None,
+    seconds: float,
+    actor: User | None,
+    client_ip: str,
+    detail: str,
+) -> None:
+    """Record round ``rnd``'s aggregate and open the next round (or finish); no commit.
+
+    Parameters
+    ----------
+    sha, size : str, int
+        The stored aggregate blob and its size in bytes.
+    num_updates : int
+        Hospitals whose updates it holds.
+    total_examples : int or None
+        Their example count (None under secagg: it is masked with the updates).
+    seconds : float
+        Server time the aggregation took.
+    detail : str
+        What the audit event says about how it was made.
+    """
+    rnd.status = ROUND_AGGREGATED
+    rnd.aggregated_at = now
+    rnd.aggregate_sha256 = sha
+    rnd.aggregate_size = size
+    rnd.num_updates = num_updates
+    rnd.total_examples = total_examples
+    rnd.aggregation_seconds = seconds
+    rnd.error = None
+    rnd.failed_at = None
+    rnd.failed_upload_id = None
+    if rnd.number >= fed.num_rounds:
+        fed.status = FED_FINISHED
+        nxt = "federation finished"
+    else:
+        db.add(feds.open_round(fed, rnd.number + 1, now))
+        nxt = f"round {rnd.number + 1} opened"
+    record(
+        db,
+        at=now,
+        actor=actor,
+        actor_label=SERVER_ACTOR,
+        action="round.aggregate",
+        target=f"{fed.name} round {rnd.number}",
+        detail=f"{detail}, {size} bytes, {seconds:.2f} s; {nxt}",
+        client_ip=client_ip,
+    )
 
 
 def _fail_round(portal: Portal, round_id: int, message: str, upload: _Part | None) -> None:

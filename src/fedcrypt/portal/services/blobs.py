@@ -8,13 +8,33 @@ from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from fedcrypt.portal.context import Portal
-from fedcrypt.portal.models import Federation, Round, Upload
+from fedcrypt.portal.models import (
+    ATTEMPT_JOIN,
+    Federation,
+    Round,
+    SecAggAttempt,
+    SecAggMessage,
+    Upload,
+)
+from fedcrypt.protection.secagg import STAGES
+
+#: Stages of a secagg session whose stored messages are still needed.
+_RUNNING = (ATTEMPT_JOIN, *STAGES)
 
 log = logging.getLogger(__name__)
 
 
 def blob_referenced(db: Session, sha: str) -> bool:
-    """Whether any upload, aggregate, initial model or server key is the blob ``sha``."""
+    """Whether any upload, aggregate, initial model, public key file or request or reply
+    of a running secagg session is the blob ``sha``."""
+    running = (
+        select(SecAggMessage.id)
+        .join(SecAggAttempt, SecAggAttempt.id == SecAggMessage.attempt_id)
+        .where(
+            SecAggAttempt.stage.in_(_RUNNING),
+            or_(SecAggMessage.request_sha256 == sha, SecAggMessage.reply_sha256 == sha),
+        )
+    )
     return bool(
         db.scalar(
             select(
@@ -23,6 +43,7 @@ def blob_referenced(db: Session, sha: str) -> bool:
                     exists().where(Round.aggregate_sha256 == sha),
                     exists().where(Federation.initial_model_sha256 == sha),
                     exists().where(Federation.server_key_sha256 == sha),
+                    running.exists(),
                 )
             )
         )
@@ -47,6 +68,14 @@ def referenced_blobs(db: Session) -> set[str]:
         Federation.server_key_sha256,
     ):
         out.update(s for s in db.scalars(select(column).distinct()) if s is not None)
+    for column in (SecAggMessage.request_sha256, SecAggMessage.reply_sha256):
+        q = (
+            select(column)
+            .join(SecAggAttempt, SecAggAttempt.id == SecAggMessage.attempt_id)
+            .where(SecAggAttempt.stage.in_(_RUNNING))
+            .distinct()
+        )
+        out.update(s for s in db.scalars(q) if s is not None)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import warnings
 from datetime import datetime, timedelta
@@ -25,6 +26,9 @@ from fedcrypt.portal.models import (
     ROUND_OPEN,
     Federation,
     Round,
+    SecAggAttempt,
+    SecAggMember,
+    SecAggMessage,
     Upload,
     User,
 )
@@ -107,7 +111,17 @@ def get_round(db: Session, fed: Federation, number: int) -> Round:
 
 
 def members(db: Session, fed: Federation) -> list[User]:
-    """Hospitals that have uploaded at least one update to ``fed``, by first upload."""
+    """Hospitals taking part in ``fed``: those that have uploaded at least one update, by
+    first upload (``secagg``: those enrolled, by enrolment)."""
+    if scheme_of(fed).staged:
+        return list(
+            db.scalars(
+                select(User)
+                .join(SecAggMember, SecAggMember.user_id == User.id)
+                .where(SecAggMember.federation_id == fed.id)
+                .order_by(SecAggMember.id)
+            )
+        )
     first = (
         select(Upload.user_id, func.min(Upload.id).label("first"))
         .join(Round, Round.id == Upload.round_id)
@@ -121,7 +135,12 @@ def members(db: Session, fed: Federation) -> list[User]:
 
 
 def is_member(db: Session, fed: Federation, user: User) -> bool:
-    """Whether ``user`` has uploaded to ``fed``."""
+    """Whether ``user`` has uploaded to ``fed`` (``secagg``: is enrolled in it)."""
+    if scheme_of(fed).staged:
+        enrolled = select(SecAggMember.id).where(
+            SecAggMember.federation_id == fed.id, SecAggMember.user_id == user.id
+        )
+        return db.scalar(enrolled.limit(1)) is not None
     q = (
         select(Upload.id)
         .join(Round, Round.id == Upload.round_id)
@@ -144,15 +163,22 @@ def join_command(fed: Federation, *, base_url: str | None = None) -> str:
     """The exact command a hospital runs to take part (its token comes from the environment).
 
     The training settings come from the federation itself; the command names only what
-    is the hospital's own: the portal, its key file (``he``), where its data is, and
-    the folder for its records.
+    is the hospital's own: the portal, its key files (``he``: the consortium's
+    ``hospital.key``; ``secagg``: its own ``hospital-<id>.key`` and the consortium's
+    ``group-mask.key``), where its data is, and the folder for its records.
     """
     parts = ["fedcrypt", "portal", "participate", shlex.quote(fed.name)]
     if base_url:
         parts += ["--url", shlex.quote(base_url)]
     parts += ["--rounds", str(fed.num_rounds)]
-    if scheme_of(fed).key_pair:
+    scheme = scheme_of(fed)
+    if scheme.key_pair:
         parts += ["--key", "hospital.key"]
+    if scheme.staged:
+        parts += ["--key", "hospital-ID.key"]
+        params = json.loads(fed.secagg_params) if fed.secagg_params else {}
+        if params.get("group_mask", True):
+            parts += ["--group-mask-key", "group-mask.key"]
     if fed.task is None and fed.dataset not in (None, "wdbc"):
         parts += ["--data-dir", "DATA_DIR"]
     parts += ["--out", "hospital-out"]
@@ -222,7 +248,15 @@ def create_federation(
 
 
 def round_one_started(db: Session, fed: Federation) -> bool:
-    """Whether any hospital has uploaded to the federation (round 1 has begun)."""
+    """Whether any hospital has uploaded to the federation (round 1 has begun); under
+    ``secagg``, whether any hospital has joined a session."""
+    if scheme_of(fed).staged:
+        joined = (
+            select(SecAggMessage.id)
+            .join(SecAggAttempt, SecAggAttempt.id == SecAggMessage.attempt_id)
+            .where(SecAggAttempt.federation_id == fed.id)
+        )
+        return db.scalar(joined.limit(1)) is not None
     q = (
         select(Upload.id)
         .join(Round, Round.id == Upload.round_id)
@@ -294,12 +328,15 @@ def update_federation(
         raise ConflictError("give a task (which brings its own data) or a dataset, not both")
     if not scheme_named(str(merged["protection"])).key_pair and merged["he_preset"]:
         raise ConflictError("an HE preset applies to protection 'he' only")
+    quorum = changes.get("quorum", fed.quorum)
+    if scheme_named(str(merged["protection"])).staged and quorum < 2:
+        raise ConflictError("a secagg round needs at least 2 hospitals: quorum must be >= 2")
     old_blobs = (fed.initial_model_sha256, fed.server_key_sha256)
     reverted = ""
     if fed.status == FED_RUNNING and set(changes) & MODEL_SETTINGS:
         reverted = _back_to_draft(portal, db, fed, drop_key=bool(set(changes) & KEY_SETTINGS))
     elif fed.status == FED_DRAFT and set(changes) & KEY_SETTINGS and fed.server_key_sha256:
-        _drop_server_key(portal, fed)
+        _drop_server_key(portal, db, fed)
         reverted = "; the server key was removed (upload it again)"
     for key, value in changes.items():
         setattr(fed, key, value)
@@ -317,22 +354,27 @@ def update_federation(
     return fed
 
 
-def _drop_server_key(portal: Portal, fed: Federation) -> None:
+def _drop_server_key(portal: Portal, db: Session, fed: Federation) -> None:
+    """Forget the public key file (``server.key`` or ``registry.pub``) and what hangs on it."""
     if fed.server_key_sha256 is not None:
         portal.aggregators.pop(fed.server_key_sha256, None)
+        portal.registries.pop(fed.server_key_sha256, None)
     fed.server_key_sha256 = None
     fed.server_key_size = None
     fed.key_fingerprint = None
+    fed.secagg_params = None
+    db.execute(delete(SecAggMember).where(SecAggMember.federation_id == fed.id))
 
 
 def _back_to_draft(portal: Portal, db: Session, fed: Federation, *, drop_key: bool) -> str:
     """Undo publishing (round 1 has no upload): the federation is a draft again."""
+    db.execute(delete(SecAggAttempt).where(SecAggAttempt.federation_id == fed.id))
     db.execute(delete(Round).where(Round.federation_id == fed.id))
     fed.status = FED_DRAFT
     fed.initial_model_sha256 = None
     fed.initial_model_size = None
     if drop_key:
-        _drop_server_key(portal, fed)
+        _drop_server_key(portal, db, fed)
     return "; back to draft: publish the initial model again" + (
         " and the server key" if drop_key else ""
     )
@@ -364,6 +406,11 @@ def cancel_federation(
         fed.status = FED_CANCELLED
         fed.cancelled_at = now
         fed.cancel_reason = reason.strip() or None
+        blobs: list[str] = []
+        if scheme_of(fed).staged:
+            from fedcrypt.portal.services import relay  # relay imports this module
+
+            blobs = relay.abandon(portal, db, fed, now)
         record(
             db,
             at=now,
@@ -374,6 +421,7 @@ def cancel_federation(
             client_ip=client_ip,
         )
         db.commit()
+    delete_if_unreferenced(portal, *blobs)
     return fed
 
 
@@ -505,7 +553,8 @@ def publish_initial_model(
     Raises
     ------
     fedcrypt.portal.errors.ConflictError
-        If the federation is already running, or is ``ckks`` without a server key.
+        If the federation is already running, is ``he`` without a server key, or
+        ``secagg`` without a registry or a model size.
     """
     if fed.status != FED_DRAFT:
         pending.discard()
@@ -513,6 +562,18 @@ def publish_initial_model(
     if scheme_of(fed).key_pair and fed.server_key_sha256 is None:
         pending.discard()
         raise ConflictError("upload the federation's public server.key before the initial model")
+    if scheme_of(fed).staged:
+        if fed.server_key_sha256 is None:
+            pending.discard()
+            raise ConflictError(
+                "upload the federation's public registry.pub before the initial model"
+            )
+        if model_size is None and fed.model_size is None:
+            pending.discard()
+            raise ConflictError(
+                "a secagg federation needs its model size (X-Model-Size, or model_size at "
+                "creation): every session fixes the length of the masked vectors"
+            )
     if pending.size == 0:
         pending.discard()
         raise InvalidContentError("the initial model file is empty")

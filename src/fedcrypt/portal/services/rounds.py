@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -33,6 +34,7 @@ from fedcrypt.portal.models import (
 )
 from fedcrypt.portal.schemas import MetricsCreate, MetricsPublic, RoundPublic, UploadPublic
 from fedcrypt.portal.services import federations as feds
+from fedcrypt.portal.services import relay_views
 from fedcrypt.portal.services.audit import record
 from fedcrypt.portal.services.blobs import blob_referenced, delete_if_unreferenced
 from fedcrypt.portal.storage import PendingBlob
@@ -84,9 +86,16 @@ def metrics_public(m: MetricReport) -> MetricsPublic:
 
 def round_public(db: Session, fed: Federation, rnd: Round, *, viewer: User | None) -> RoundPublic:
     """The API view of a round, with its upload count and whether ``viewer`` uploaded."""
-    n, expected = feds.round_counts(db, fed, rnd)
+    extra: dict[str, Any] = {}
+    if feds.scheme_of(fed).staged:
+        extra = relay_views.round_summary(db, fed, rnd)
+        n, expected = int(extra.pop("num_uploads") or 0), int(extra.pop("expected_uploads"))
+    else:
+        n, expected = feds.round_counts(db, fed, rnd)
     mine = viewer is not None and any(u.user_id == viewer.id for u in rnd.uploads)
     return RoundPublic(
+        **extra,
+        num_updates=rnd.num_updates,
         number=rnd.number,
         status=rnd.status,
         opened_at=rnd.opened_at,
@@ -121,6 +130,11 @@ def round_open_for_upload(
         If the federation is not running, the round is closed or in the future, or the
         admin excluded this hospital's update from the round.
     """
+    if feds.scheme_of(fed).staged:
+        raise ConflictError(
+            f"federation {fed.name!r} uses secagg: there is no single update to upload; "
+            "hospitals answer the secure-aggregation stages with 'fedcrypt portal participate'"
+        )
     if fed.status == FED_DRAFT:
         raise ConflictError("the federation has not started: its initial model is not published")
     if fed.status == FED_CANCELLED:

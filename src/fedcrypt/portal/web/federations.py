@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
@@ -32,6 +33,7 @@ from fedcrypt.portal.schemas import (
 )
 from fedcrypt.portal.services import aggregation as agg
 from fedcrypt.portal.services import federations as feds
+from fedcrypt.portal.services import relay_views, secagg_members
 from fedcrypt.portal.services import rounds as svc
 from fedcrypt.portal.storage import PendingBlob
 from fedcrypt.portal.streaming import receive_form_file
@@ -161,8 +163,9 @@ async def federation_create(
     csrf_token: FormStr = "",
     initial_model: FormFile = None,
     server_key: FormFile = None,
+    registry: FormFile = None,
 ) -> Response:
-    """Create a federation, store its public key and initial model, and open round 1."""
+    """Create a federation, store its public key file and initial model, open round 1."""
     check_csrf(request, csrf_token)
     form: dict[str, Any] = {
         "name": name,
@@ -194,8 +197,20 @@ async def federation_create(
         errors.append(
             "choose the initial model file (a state_dict from `fedcrypt portal init-model`)"
         )
+    has_registry = registry is not None and bool(registry.filename)
     if data is not None and get_scheme(data.protection).key_pair and not has_key:
         errors.append("an he federation needs its public server.key (from `fedcrypt keys`)")
+    if data is not None and get_scheme(data.protection).staged:
+        if not has_registry:
+            errors.append(
+                "a secagg federation needs its public registry.pub (from `fedcrypt keys "
+                "generate --protection secagg`)"
+            )
+        if data.model_size is None:
+            errors.append(
+                "a secagg federation needs the number of model values (printed by "
+                "`fedcrypt portal init-model`)"
+            )
     if errors or data is None:
         return render(
             request,
@@ -211,6 +226,9 @@ async def federation_create(
         key_bytes = await server_key.read(key_limit + 1)
         if len(key_bytes) > key_limit:
             errors.append("the server key exceeds the size limit of a public key file")
+    registry_bytes: bytes | None = None
+    if get_scheme(data.protection).staged and registry is not None:
+        registry_bytes = await registry.read(secagg_members.MAX_REGISTRY_BYTES + 1)
     assert initial_model is not None
     pending = await receive_form_file(initial_model, portal.store, limit=limit)
 
@@ -218,9 +236,15 @@ async def federation_create(
         with portal.session() as db:
             if key_bytes is not None:
                 feds.aggregator_from_key(key_bytes)  # refuse a secret key before creating
+            if registry_bytes is not None:
+                secagg_members.parse_registry(registry_bytes)  # refuse a secret key before creating
             fed = feds.create_federation(portal, db, data, actor=admin, client_ip=ip)
             if key_bytes is not None:
                 feds.set_server_key(portal, db, fed, key_bytes, actor=admin, client_ip=ip)
+            if registry_bytes is not None:
+                secagg_members.set_registry(
+                    portal, db, fed, registry_bytes, actor=admin, client_ip=ip
+                )
             feds.publish_initial_model(
                 portal, db, fed, pending, model_size=data.model_size, actor=admin, client_ip=ip
             )
@@ -262,6 +286,17 @@ def federation_page(
     latest_uploads = fed.rounds[-1].uploads if fed.rounds else []
     scheme = feds.scheme_of(fed)
     editable = fed.status in (FED_DRAFT, "running") and not feds.round_one_started(db, fed)
+    sessions: list[dict[str, Any]] = []
+    taken: dict[tuple[int, int], str] = {}
+    if scheme.staged:
+        for rnd in reversed(fed.rounds):
+            attempts = relay_views.round_progress(db, rnd)
+            sessions.append({"round": rnd.number, "attempts": attempts})
+            for a in attempts:
+                for h in a.hospitals:
+                    taken[(h.user_id, rnd.number)] = (
+                        f"{h.status} at {h.stage}" if h.status == "dropped" else h.status
+                    )
     return render(
         request,
         "federation.html",
@@ -279,6 +314,9 @@ def federation_page(
             "is_draft": fed.status == FED_DRAFT,
             "editable": editable,
             "join_command": feds.join_command(fed, base_url=_base_url(request)),
+            "sessions": sessions,
+            "taken": taken,
+            "secagg_params": json.loads(fed.secagg_params) if fed.secagg_params else None,
         },
         user=user,
     )
@@ -481,14 +519,20 @@ async def federation_publish(
     csrf_token: FormStr = "",
     initial_model: FormFile = None,
     server_key: FormFile = None,
+    registry: FormFile = None,
 ) -> Response:
-    """Finish a draft federation: its public server key and/or initial model (admin)."""
+    """Finish a draft federation: its public key file and/or initial model (admin)."""
     check_csrf(request, csrf_token)
     limit = portal.settings.max_upload_bytes
     key_limit = min(limit, MAX_SERVER_KEY_BYTES)
     key_bytes = (
         await server_key.read(key_limit + 1)
         if server_key is not None and server_key.filename
+        else None
+    )
+    registry_bytes = (
+        await registry.read(secagg_members.MAX_REGISTRY_BYTES + 1)
+        if registry is not None and registry.filename
         else None
     )
     pending: PendingBlob | None = None
@@ -506,6 +550,10 @@ async def federation_publish(
                 if len(key_bytes) > key_limit:
                     raise InvalidContentError("the server key exceeds the size limit")
                 feds.set_server_key(portal, db, fed, key_bytes, actor=admin, client_ip=ip)
+            if registry_bytes is not None:
+                secagg_members.set_registry(
+                    portal, db, fed, registry_bytes, actor=admin, client_ip=ip
+                )
             if pending is not None:
                 feds.publish_initial_model(
                     portal, db, fed, pending, model_size=size, actor=admin, client_ip=ip
