@@ -142,7 +142,9 @@ def multilabel_loader(n: int = 256, k: int = 5, seed: int = 0, batch_size: int =
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 8)).astype(np.float32)
     y = (x[:, :k] + 0.3 * rng.normal(size=(n, k)) > 0.5).astype(np.float32)
-    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=batch_size
+    )
 
 
 def test_multilabel_training_learns_every_label() -> None:
@@ -163,7 +165,9 @@ def test_multilabel_training_learns_every_label() -> None:
         x = torch.cat([b[0] for b in multilabel_loader(seed=1)])
         y = torch.cat([b[1] for b in multilabel_loader(seed=1)])
         logits = model.eval()(x)
-    assert after.loss == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, y)), rel=1e-5)
+    assert after.loss == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits, y)), rel=1e-5
+    )
     np.testing.assert_allclose(after.y_score, torch.sigmoid(logits).numpy(), rtol=1e-5)
     acc = ((torch.sigmoid(logits) >= 0.5) == (y == 1)).float().mean()
     assert after.accuracy == pytest.approx(float(acc))
@@ -211,13 +215,13 @@ def test_multiclass_metrics() -> None:
     res = evaluate(create_model("mlp", input_shape=(4,), num_classes=3), loader(x, y))
     assert res.label_kind == "multiclass" and res.confusion is None
     assert len(res.auc_per_label) == 3
-    assert res.balanced_accuracy == pytest.approx(
-        balanced_accuracy_score(y, res.y_score.argmax(1))
-    )
+    assert res.balanced_accuracy == pytest.approx(balanced_accuracy_score(y, res.y_score.argmax(1)))
     with pytest.raises(ValueError, match="binary"):
         res.confusion_at(0.5)
     with pytest.raises(ConfigError, match="2 logits"):
-        evaluate(create_model("mlp", input_shape=(4,), num_classes=3), loader(x, y), label_kind="binary")
+        evaluate(
+            create_model("mlp", input_shape=(4,), num_classes=3), loader(x, y), label_kind="binary"
+        )
 
 
 def test_wrap_hook_replaces_model_optimizer_and_loader() -> None:

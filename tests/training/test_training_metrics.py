@@ -117,7 +117,14 @@ def test_auc_per_label_matches_sklearn_and_macro() -> None:
 def test_auc_per_class_multiclass_and_binary() -> None:
     y = np.array([0, 1, 2, 2, 1, 0])
     p = np.array(
-        [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.3, 0.3, 0.4], [0.1, 0.8, 0.1], [0.3, 0.4, 0.3]]
+        [
+            [0.7, 0.2, 0.1],
+            [0.2, 0.5, 0.3],
+            [0.1, 0.3, 0.6],
+            [0.3, 0.3, 0.4],
+            [0.1, 0.8, 0.1],
+            [0.3, 0.4, 0.3],
+        ]
     )
     per = auc_per_label(y, p)
     assert per == pytest.approx([roc_auc_score(y == k, p[:, k]) for k in range(3)])
@@ -195,7 +202,14 @@ def test_roc_curves_name_their_positive_class() -> None:
     assert curves[0].fpr[0] == 0.0 and curves[0].tpr[-1] == 1.0
     y = np.array([0, 1, 2, 2, 1, 0])
     p = np.array(
-        [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.3, 0.3, 0.4], [0.1, 0.8, 0.1], [0.3, 0.4, 0.3]]
+        [
+            [0.7, 0.2, 0.1],
+            [0.2, 0.5, 0.3],
+            [0.1, 0.3, 0.6],
+            [0.3, 0.3, 0.4],
+            [0.1, 0.8, 0.1],
+            [0.3, 0.4, 0.3],
+        ]
     )
     curves = roc_curves(y, p, class_names=["a", "b", "c"])
     assert [c.name for c in curves] == ["a", "b", "c", "micro-average"]

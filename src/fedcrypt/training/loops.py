@@ -151,9 +151,7 @@ class EvalResult:
 
 def _check_kind(label_kind: str | None) -> None:
     if label_kind is not None and label_kind not in LABEL_KINDS:
-        raise ConfigError(
-            f"label_kind must be one of {', '.join(LABEL_KINDS)}, got {label_kind!r}"
-        )
+        raise ConfigError(f"label_kind must be one of {', '.join(LABEL_KINDS)}, got {label_kind!r}")
 
 
 def _infer_kind(logits: torch.Tensor, y: torch.Tensor) -> LabelKind:

@@ -257,9 +257,7 @@ def _class_folders(folder: Path, *, where: str) -> _Listing:
     for d in dirs:
         files = sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p))
         if not files:
-            raise DataError(
-                f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})"
-            )
+            raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         paths += files
         labels += [d.name] * len(files)
         if len(paths) > MAX_IMAGES:
@@ -328,7 +326,9 @@ def _read_manifest(
             split = single_split or "train"
         label: Any
         if multilabel:
-            label = tuple(_binary(row[i], path=path, line=line, column=header[i]) for i in label_cols)
+            label = tuple(
+                _binary(row[i], path=path, line=line, column=header[i]) for i in label_cols
+            )
         else:
             label = row[label_cols[0]].strip()
             if not label:

@@ -144,9 +144,9 @@ def hospital_data(
         train=DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator),
         val=DataLoader(val_ds, batch_size=batch_size, shuffle=False),
         test=DataLoader(test_ds, batch_size=batch_size, shuffle=False),
-        num_train=len(train_ds),  # type: ignore[arg-type]
-        num_val=len(val_ds),  # type: ignore[arg-type]
-        num_test=len(test_ds),  # type: ignore[arg-type]
+        num_train=len(train_ds),
+        num_val=len(val_ds),
+        num_test=len(test_ds),
     )
 
 

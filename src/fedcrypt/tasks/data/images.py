@@ -64,7 +64,9 @@ class ArrayImages(ImageSource):
 
     def __init__(self, images: NDArray[np.uint8]) -> None:
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ValueError(f"expected uint8 (N, H, W[, C]) images, got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"expected uint8 (N, H, W[, C]) images, got {images.dtype} {images.shape}"
+            )
         self.images = images if images.ndim == 4 else images[..., None]
 
     def __len__(self) -> int:
@@ -113,7 +115,9 @@ class FileImages(ImageSource):
 
     def read(self, index: int, *, channels: int, size: tuple[int, int]) -> NDArray[np.float32]:
         """See :meth:`ImageSource.read`."""
-        return _to_array(_fit(open_image(self.paths[index], size=size), channels=channels, size=size))
+        return _to_array(
+            _fit(open_image(self.paths[index], size=size), channels=channels, size=size)
+        )
 
 
 def open_image(path: Path, *, size: tuple[int, int] | None = None) -> Image.Image:

@@ -56,9 +56,7 @@ def label_keys(labels: NDArray[Any]) -> NDArray[np.int64]:
         rows = (y > 0.5).astype(np.uint8)
         _, inverse = np.unique(rows, axis=0, return_inverse=True)
         return inverse.reshape(-1).astype(np.int64)
-    raise ConfigError(
-        f"labels must be (N,) integers or (N, K) multi-hot, got {y.dtype} {y.shape}"
-    )
+    raise ConfigError(f"labels must be (N,) integers or (N, K) multi-hot, got {y.dtype} {y.shape}")
 
 
 def stratified_holdout(

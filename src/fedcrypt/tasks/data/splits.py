@@ -100,9 +100,7 @@ class ImageSplit:
 
     def dataset(self, rows: NDArray[np.int64] | None = None) -> ImageDataset:
         """Rows ``rows`` (default: all) as a lazily reading torch ``Dataset``."""
-        return ImageDataset(
-            self.source, self.y, channels=self.channels, size=self.size, rows=rows
-        )
+        return ImageDataset(self.source, self.y, channels=self.channels, size=self.size, rows=rows)
 
     @property
     def x(self) -> NDArray[np.float32]:

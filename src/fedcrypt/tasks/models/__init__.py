@@ -1,6 +1,5 @@
 """Model registry: :func:`create_model` builds one of :data:`MODELS` by name."""
 
-
 from __future__ import annotations
 
 import math
@@ -161,7 +160,10 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "model") -> None:
     ):
         raise DataError(f"weights {path} do not hold a state_dict (a mapping of tensors)")
     expected = model.state_dict()
-    if name in TORCHVISION_MODELS and set(state) != set(expected):
+    exact = set(state) == set(expected) and all(
+        state[k].shape == v.shape for k, v in expected.items()
+    )
+    if name in TORCHVISION_MODELS and not exact:
         if is_torchvision_layout(state, name):
             try:
                 mapped = map_torchvision_state_dict(state, model, arch=name)

@@ -12,8 +12,8 @@ files (``mobilenet_v2-b0353104.pth``, ``resnet18-f37072fd.pth``, or any
 * the first convolution is averaged over its three RGB input channels for one-channel
   (grey) images, and replicated for any other channel count (scaled by ``3 / C``);
 * ResNet-18's 28-px variant has a 3x3 stem where ImageNet's is 7x7: the 7x7 kernels are
-  resampled to 3x3 (antialiased bilinear) and multiplied by 49/9, which keeps each
-  kernel's sum;
+  resampled to 3x3 (antialiased bilinear, times 49/9) and shifted so that each kernel
+  keeps its sum (its response to a flat image);
 * the ImageNet classifier (``classifier.1.*``, 1000 classes, or ``fc.*``) is dropped and
   the model's own head keeps its fresh initialisation: MobileNetV2 the seed paper's
   transfer head ``Dropout(0.2) -> Linear(1280, 320) -> Linear(320, K)``, ResNet-18
@@ -95,9 +95,7 @@ def map_torchvision_state_dict(
             parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
-        raise ConfigError(
-            f"the weights are not torchvision's {arch} layout: " + "; ".join(parts)
-        )
+        raise ConfigError(f"the weights are not torchvision's {arch} layout: " + "; ".join(parts))
     mapped: dict[str, torch.Tensor] = {}
     stem = STEM_KEYS[arch]
     for key in body:
@@ -126,10 +124,12 @@ def _fit_stem(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         mean = weight.mean(dim=1, keepdim=True)  # (out, 1, k, k)
         weight = mean if channels == 1 else mean.repeat(1, channels, 1, 1) * (3 / channels)
     if tuple(weight.shape[2:]) != size:
-        # area-averaging resample, then times the area ratio: each kernel keeps its sum
+        # antialiased resample times the area ratio, then a constant shift so that each
+        # kernel keeps its sum exactly (its response to a flat image)
         area = (weight.shape[2] * weight.shape[3]) / (size[0] * size[1])
-        resized = F.interpolate(
+        resized = area * F.interpolate(
             weight, size=size, mode="bilinear", align_corners=False, antialias=True
         )
-        weight = resized * area
+        missing = weight.sum(dim=(2, 3), keepdim=True) - resized.sum(dim=(2, 3), keepdim=True)
+        weight = resized + missing / (size[0] * size[1])
     return weight
