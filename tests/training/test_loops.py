@@ -17,7 +17,7 @@ from fedcrypt.exceptions import ConfigError, DataError
 from fedcrypt.tasks.data import hospital_data, load_dataset
 from fedcrypt.tasks.models import create_model
 from fedcrypt.training import EvalResult, evaluate, train
-from fedcrypt.training.loops import _balanced_weights, dataset_labels
+from fedcrypt.training.loops import _balanced_weights, dataset_labels, recalibrate_batchnorm
 
 
 @pytest.fixture(autouse=True)
@@ -310,3 +310,64 @@ def test_train_and_evaluate_on_cuda() -> None:
     mlp = create_model("mlp", input_shape=(8,), num_classes=5).cuda()
     train(mlp, data, label_kind="multilabel", class_weight="balanced", seed=0)
     assert len(evaluate(mlp, data).auc_per_label) == 5
+
+
+def test_recalibrate_batchnorm_gives_exact_statistics() -> None:
+    x = torch.randn(10, 3) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([5.0, -1.0, 0.0])
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3, momentum=0.3)).eval()
+    one_batch = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)), batch_size=10)
+    assert recalibrate_batchnorm(model, one_batch) == 10
+    bn = model[0]
+    torch.testing.assert_close(bn.running_mean, x.mean(0))
+    torch.testing.assert_close(bn.running_var, x.var(0, unbiased=True))
+    assert bn.momentum == 0.3 and not model.training  # restored
+    assert recalibrate_batchnorm(torch.nn.Linear(3, 2), one_batch) == 0  # no BatchNorm
+
+
+def test_train_recalibrates_batchnorm_to_the_final_weights() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    data = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=64)
+
+    def run(recalibrate: bool) -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+        )
+        train(net, data, epochs=5, lr=0.05, seed=0, recalibrate_bn=recalibrate)
+        return net
+
+    for recalibrate in (True, False):
+        net = run(recalibrate)
+        with torch.no_grad():
+            hidden = net[0](torch.from_numpy(x))
+        exact = torch.allclose(net[1].running_mean, hidden.mean(0), atol=1e-5)
+        assert exact == recalibrate  # momentum 0.1 lags behind the weights
+
+
+def test_metrics_record_and_pooling_across_hospitals() -> None:
+    from fedcrypt.training.metrics import Confusion, pool_confusions
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(80, 3)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(size=80) > 0).astype(np.int64)
+    model = create_model("mlp", input_shape=(3,), num_classes=2, dropout=0.0)
+    train(model, loader(x, y), epochs=5, lr=1e-2, seed=0)
+    val, test = evaluate(model, loader(x[:40], y[:40])), evaluate(model, loader(x[40:], y[40:]))
+    record = test.metrics(youden=val.youden_threshold())
+    for key in ("sensitivity", "specificity", "balanced_accuracy", "tp", "fn"):
+        assert key in record and f"{key}_youden" in record
+    assert record["auc"] == test.auc and record["threshold"] == 0.5
+    assert record["youden_threshold"] == val.youden_threshold()
+    assert record["sensitivity_youden"] == test.confusion_at(val.youden_threshold()).sensitivity
+    # two hospitals' counts pool into the whole set's counts
+    both = evaluate(model, loader(x, y))
+    pooled = pool_confusions(
+        [Confusion.from_counts(val.metrics()), Confusion.from_counts(test.metrics())]
+    )
+    assert pooled == both.confusion
+    multi = evaluate(create_model("mlp", input_shape=(8,), num_classes=5), multilabel_loader())
+    assert {f"auc_{k}" for k in range(5)} <= set(multi.metrics()) and "tp" not in multi.metrics()
+    with pytest.raises(ValueError, match="whole number"):
+        Confusion.from_counts({"tp": 1.5, "fp": 0, "tn": 0, "fn": 0})

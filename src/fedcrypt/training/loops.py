@@ -135,6 +135,40 @@ class EvalResult:
             raise ValueError(f"confusion counts need a binary task, this one is {self.label_kind}")
         return confusion(self.y_true, self.y_score, threshold=threshold)
 
+    def metrics(self, *, youden: float | None = None) -> dict[str, float]:
+        """Flat figures for a metrics record.
+
+        Always ``loss``, ``accuracy``, ``auc``, ``balanced_accuracy``, ``examples``.
+        Binary: ``threshold`` and, at it, ``tp fp tn fn sensitivity specificity
+        precision npv`` (from :attr:`confusion`); with ``youden`` (a threshold chosen on
+        validation scores) the same again at that threshold, suffixed ``_youden``, and
+        ``youden_threshold``. Multi-label and multi-class: ``auc_0`` ... ``auc_{K-1}``
+        (:attr:`auc_per_label`; nan where undefined).
+
+        Parameters
+        ----------
+        youden : float, optional
+            The validation split's Youden threshold (:meth:`youden_threshold`); nan or
+            None leaves the ``_youden`` figures out.
+        """
+        out = {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "auc": self.auc,
+            "balanced_accuracy": self.balanced_accuracy,
+            "examples": float(self.num_examples),
+        }
+        if self.confusion is not None:
+            out["threshold"] = self.threshold
+            out.update(self.confusion.as_dict())
+            if youden is not None and not math.isnan(youden):
+                out["youden_threshold"] = float(youden)
+                at = self.confusion_at(float(youden)).as_dict()
+                out.update({f"{k}_youden": v for k, v in at.items()})
+        else:
+            out.update({f"auc_{k}": v for k, v in enumerate(self.auc_per_label)})
+        return out
+
     def youden_threshold(self) -> float:
         """The Youden threshold of these scores (choose it on *validation* scores and pass
         it to :func:`evaluate` or :meth:`confusion_at` on test); nan if undefined.
@@ -177,6 +211,7 @@ def train(
     label_kind: LabelKind | None = None,
     loss_fn: LossFn | None = None,
     wrap: Wrap | None = None,
+    recalibrate_bn: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place with Adam.
 
@@ -220,6 +255,14 @@ def train(
         returns such a triple). The returned model must share its parameters with
         ``model`` (Opacus' ``GradSampleModule`` does), so ``model`` holds the trained
         weights. Empty batches (Poisson sampling) are skipped (default: ``None``).
+    recalibrate_bn : bool
+        After the last epoch, recompute every BatchNorm layer's running mean and variance
+        with the final weights, as exact averages over one more pass of the loader
+        (no gradients) (default: True). Without it the statistics an evaluated model
+        uses lag behind its weights after the few dozen steps of a federated round, and
+        the model can predict one class ("precise BN": Wu and Johnson, "Rethinking
+        'Batch' in BatchNorm", arXiv:2105.07576, 2021). A model without BatchNorm is
+        not affected.
 
     Returns
     -------
@@ -263,6 +306,7 @@ def train(
         model.parameters(), lr=lr, weight_decay=weight_decay
     )
     net: nn.Module = model
+    own_loader = loader
     if wrap is not None:
         net, optimizer, loader = wrap(model, optimizer, loader)
     net.train()
@@ -306,6 +350,10 @@ def train(
             count += n
         if count == 0:
             raise DataError("the training loader yields no examples")
+    if recalibrate_bn:
+        # on the unwrapped model and loader (a DP wrapper's hooks need gradients; a model
+        # Opacus accepts has no BatchNorm anyway)
+        recalibrate_batchnorm(model, own_loader)
     return TrainResult(
         loss=loss_sum / count, num_examples=count, seconds=time.perf_counter() - start
     )
@@ -357,8 +405,12 @@ def evaluate(
         If ``loader`` yields no examples or labels that do not fit the logits.
     """
     _check_kind(label_kind)
-    if not isinstance(threshold, int | float) or math.isnan(threshold):
-        raise ConfigError(f"threshold must be a number, got {threshold!r}")
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a number, got {threshold!r}") from None
+    if math.isnan(threshold):
+        raise ConfigError("threshold must be a number, got NaN")
     device = _device(model)
     was_training = model.training
     model.eval()
@@ -436,6 +488,46 @@ def evaluate(
         threshold=used_threshold,
         confusion=conf,
     )
+
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Batches) -> int:
+    """Recompute the running statistics of ``model``'s BatchNorm layers on ``loader``.
+
+    The statistics are reset and then accumulated as exact (cumulative) averages over
+    one pass, in training mode and without gradients; the layers' momentum and the
+    model's mode are restored afterwards. Weights do not change.
+
+    Returns
+    -------
+    int
+        Examples passed (0, and nothing done, if the model has no BatchNorm layer).
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BATCHNORM) and m.track_running_stats]
+    if not layers:
+        return 0
+    device = _device(model)
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over batches
+    model.train()
+    seen = 0
+    try:
+        for x, y in loader:
+            if y.shape[0] < 2:
+                continue  # a batch of one has no variance
+            model(x.to(device, non_blocking=True))
+            seen += int(y.shape[0])
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
 
 
 def _device(model: nn.Module) -> torch.device:

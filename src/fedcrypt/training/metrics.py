@@ -18,7 +18,7 @@ Sensitivity, specificity and balanced accuracy pooled over hospitals are compute
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,6 +229,27 @@ class Confusion:
     def npv(self) -> float:
         """``tn / (tn + fn)``: negative predictive value."""
         return _ratio(self.tn, self.tn + self.fn)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, float], *, suffix: str = "") -> Confusion:
+        """Rebuild counts from a metrics record (``tp``, ``fp``, ``tn``, ``fn`` + ``suffix``,
+        e.g. a hospital's reply; floats holding whole numbers are accepted).
+
+        Raises
+        ------
+        ValueError
+            If a count is missing, negative or not a whole number.
+        """
+        values: dict[str, int] = {}
+        for name in ("tp", "fp", "tn", "fn"):
+            key = f"{name}{suffix}"
+            if key not in counts:
+                raise ValueError(f"confusion count {key!r} missing")
+            value = float(counts[key])
+            if not (math.isfinite(value) and value >= 0 and value == int(value)):
+                raise ValueError(f"confusion count {key!r} must be a whole number >= 0, got {value!r}")
+            values[name] = int(value)
+        return cls(**values)
 
     def as_dict(self) -> dict[str, float]:
         """Counts and rates, for records: ``tp fp tn fn sensitivity specificity
