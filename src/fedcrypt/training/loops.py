@@ -1,5 +1,7 @@
-"""Local training and evaluation loops: Adam; cross-entropy (binary, multi-class) or
-BCE-with-logits (multi-label); softmax / sigmoid scores and clinical metrics at evaluation.
+"""Local training and evaluation loops: Adam, cross-entropy or BCE, clinical metrics.
+
+Cross-entropy for binary and multi-class labels, BCE-with-logits for multi-label ones;
+softmax / sigmoid scores and clinical metrics at evaluation.
 """
 
 from __future__ import annotations

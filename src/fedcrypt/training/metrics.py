@@ -1,5 +1,7 @@
-"""Classification metrics via scikit-learn: ROC AUC (binary, multi-class, multi-label),
-ROC curves, clinical metrics from confusion counts, the Youden threshold, weighted means.
+"""Classification metrics via scikit-learn: ROC AUC, ROC curves, clinical metrics, means.
+
+ROC AUC for binary, multi-class and multi-label data, per-class ROC curves, clinical
+metrics from confusion counts, the Youden threshold, weighted means.
 
 Conventions
 -----------
@@ -247,7 +249,9 @@ class Confusion:
                 raise ValueError(f"confusion count {key!r} missing")
             value = float(counts[key])
             if not (math.isfinite(value) and value >= 0 and value == int(value)):
-                raise ValueError(f"confusion count {key!r} must be a whole number >= 0, got {value!r}")
+                raise ValueError(
+                    f"confusion count {key!r} must be a whole number >= 0, got {value!r}"
+                )
             values[name] = int(value)
         return cls(**values)
 

@@ -322,3 +322,18 @@ def test_bad_options(tmp_path: Path) -> None:
             load_folder(tmp_path, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="not found"):
         load_folder(tmp_path / "nowhere")
+
+
+def test_decoded_images_are_cached_within_the_budget(tmp_path: Path) -> None:
+    class_folder(tmp_path, {"a": 6, "b": 6})
+    cached = load_folder(tmp_path, image_size=8, val_fraction=0.2, test_fraction=0.2)
+    uncached = load_folder(
+        tmp_path, image_size=8, val_fraction=0.2, test_fraction=0.2, cache_bytes=0
+    )
+    first = [cached.train.dataset()[i][0] for i in range(len(cached.train))]
+    for path in tmp_path.rglob("*.png"):
+        path.write_bytes(b"")  # gone: only cached copies can still be read
+    again = [cached.train.dataset()[i][0] for i in range(len(cached.train))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    with pytest.raises(DataError):
+        uncached.train.dataset()[0]

@@ -1,5 +1,7 @@
-"""Dataset loaders: scikit-learn's WDBC table, MedMNIST 2D ``.npz`` files, image folders
-and CSV manifests (:mod:`fedcrypt.tasks.data.folders`), behind one :func:`load_dataset`.
+"""Dataset loaders behind one :func:`load_dataset`: WDBC, MedMNIST, folders, manifests.
+
+scikit-learn's WDBC table, MedMNIST 2D ``.npz`` files, image folders and CSV manifests
+(:mod:`fedcrypt.tasks.data.folders`).
 
 Every loader returns a :class:`Dataset` with three splits whose labels are in memory and
 whose inputs become float32 tensors when read (:mod:`fedcrypt.tasks.data.splits`).

@@ -1,5 +1,7 @@
-"""A hospital's own images: folders of class sub-folders (the ImageFolder convention) and
-CSV manifests, of PNG/JPEG/BMP/TIFF or DICOM files of any size, read lazily.
+"""A hospital's own images: folders of class sub-folders, or CSV manifests, read lazily.
+
+Folders follow the ImageFolder convention; files are PNG/JPEG/BMP/TIFF or DICOM, of any
+size, with 1 or 3 channels.
 
 Layouts :func:`load_folder` understands::
 
@@ -43,7 +45,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcrypt.exceptions import ConfigError, DataError
-from fedcrypt.tasks.data.images import IMAGE_SUFFIXES, FileImages, image_channels, open_image
+from fedcrypt.tasks.data.images import (
+    DEFAULT_CACHE_BYTES,
+    IMAGE_SUFFIXES,
+    FileImages,
+    image_channels,
+    open_image,
+)
 from fedcrypt.tasks.data.partition import label_keys, stratified_holdout
 from fedcrypt.tasks.data.splits import Dataset, ImageSplit
 
@@ -81,6 +89,7 @@ def load_folder(
     test_fraction: float = 0.2,
     channels: int | None = None,
     verify: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Dataset:
     """Load an image folder or a CSV manifest (see the module docstring for the layouts).
 
@@ -100,6 +109,10 @@ def load_folder(
     verify : bool
         Decode every image at load so an unreadable one is reported before training
         (default: False: only each split's first image; the others at first read).
+    cache_bytes : int
+        Memory budget in bytes for keeping decoded, resized images between epochs, over
+        the three splits (default: 256 MiB; 0: decode at every read). See
+        :class:`~fedcrypt.tasks.data.images.FileImages`.
 
     Returns
     -------
@@ -155,7 +168,7 @@ def load_folder(
         open_image(listings[s].paths[0], size=(size, size))
     splits = {
         s: ImageSplit(
-            FileImages(listings[s].paths),
+            FileImages(listings[s].paths, cache_bytes=cache_bytes // 3),
             labels[s],
             channels=ch,
             size=(size, size),

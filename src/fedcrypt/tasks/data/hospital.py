@@ -1,7 +1,10 @@
-"""One hospital's data: its share of the training split, a local validation split, and
-the common test split, as torch datasets (:func:`hospital_splits`) or loaders
-(:func:`hospital_data`); or, with ``partition="none"``, the whole dataset (a hospital's
-own data on the deployment engine)."""
+"""One hospital's data: its share of the training split, local validation, the test split.
+
+As torch datasets (:func:`hospital_splits`) or loaders (:func:`hospital_data`): the
+hospital's share of the training split, a local validation split held out of it, and
+the common test split; or, with ``partition="none"``, the whole dataset (a hospital's
+own data on the deployment engine).
+"""
 
 from __future__ import annotations
 

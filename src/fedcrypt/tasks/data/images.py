@@ -1,5 +1,7 @@
-"""Lazy image sources (in-memory uint8 arrays, PNG/JPEG/TIFF/BMP files, DICOM files) and
-the torch ``Dataset`` that reads, converts and resizes one image at a time.
+"""Lazy image sources (uint8 arrays, image files, DICOM) and the torch ``Dataset`` of them.
+
+Sources are in-memory uint8 arrays (MedMNIST), PNG/JPEG/TIFF/BMP files (Pillow) and DICOM
+files (pydicom); :class:`ImageDataset` reads, converts and resizes one image at a time.
 
 Every image becomes a float32 tensor ``(C, S, S)`` in ``[0, 1]``:
 
@@ -32,8 +34,8 @@ from fedcrypt.exceptions import DataError
 PILLOW_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 IMAGE_SUFFIXES: tuple[str, ...] = PILLOW_SUFFIXES + DICOM_SUFFIXES
-#: Largest image accepted, in pixels (Pillow's decompression-bomb limit is 89 M).
-MAX_PIXELS = 200_000_000
+#: Bytes of decoded, resized images a folder or manifest data set keeps between epochs.
+DEFAULT_CACHE_BYTES = 256 * 2**20
 
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -101,10 +103,23 @@ class ArrayImages(ImageSource):
 
 
 class FileImages(ImageSource):
-    """Images in files (PNG, JPEG, BMP, TIFF via Pillow; DICOM via pydicom), read lazily."""
+    """Images in files (PNG, JPEG, BMP, TIFF via Pillow; DICOM via pydicom), read lazily.
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    Parameters
+    ----------
+    paths : sequence of pathlib.Path
+        One file per image.
+    cache_bytes : int
+        Budget in bytes for keeping images already decoded *and resized* (uint8), so
+        later epochs do not decode them again (default: 0, off). Once full, further
+        images are decoded at every read; original (full-size) images are never kept.
+    """
+
+    def __init__(self, paths: Sequence[Path], *, cache_bytes: int = 0) -> None:
         self.paths = tuple(Path(p) for p in paths)
+        self.cache_bytes = max(0, int(cache_bytes))
+        self._cache: dict[tuple[int, int, tuple[int, int]], NDArray[np.uint8]] = {}
+        self._cached = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -115,9 +130,15 @@ class FileImages(ImageSource):
 
     def read(self, index: int, *, channels: int, size: tuple[int, int]) -> NDArray[np.float32]:
         """See :meth:`ImageSource.read`."""
-        return _to_array(
-            _fit(open_image(self.paths[index], size=size), channels=channels, size=size)
-        )
+        key = (index, channels, size)
+        pixels = self._cache.get(key)
+        if pixels is None:
+            img = _fit(open_image(self.paths[index], size=size), channels=channels, size=size)
+            pixels = np.asarray(img, dtype=np.uint8)
+            if self._cached + pixels.nbytes <= self.cache_bytes:
+                self._cache[key] = pixels
+                self._cached += pixels.nbytes
+        return _uint8_to_chw(pixels)
 
 
 def open_image(path: Path, *, size: tuple[int, int] | None = None) -> Image.Image:
@@ -135,21 +156,18 @@ def open_image(path: Path, *, size: tuple[int, int] | None = None) -> Image.Imag
     Raises
     ------
     fedcrypt.exceptions.DataError
-        Naming the file, if it is missing, unreadable, truncated or not an image.
+        Naming the file, if it is missing, unreadable, truncated, not an image, or larger
+        than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     if path.suffix.lower() in DICOM_SUFFIXES:
         return _open_dicom(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
-                raise DataError(f"image {path} has {img.width}x{img.height} pixels: too large")
+            img = Image.open(path)  # refuses > Image.MAX_IMAGE_PIXELS (89 M) pixels
             if size is not None and img.format == "JPEG":
                 img.draft(img.mode, (size[1], size[0]))
             img.load()  # decode now: truncated files fail here, not later
-    except DataError:
-        raise
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Warning) as exc:
@@ -235,7 +253,11 @@ def _fit(img: Image.Image, *, channels: int, size: tuple[int, int]) -> Image.Ima
 
 
 def _to_array(img: Image.Image) -> NDArray[np.float32]:
-    arr = np.asarray(img, dtype=np.uint8)
+    return _uint8_to_chw(np.asarray(img, dtype=np.uint8))
+
+
+def _uint8_to_chw(arr: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """``(H, W)`` or ``(H, W, C)`` uint8 -> float32 ``(C, H, W)`` in ``[0, 1]``."""
     if arr.ndim == 2:
         arr = arr[None]
     else:

@@ -1,5 +1,4 @@
-"""Split a dataset's example indices across hospitals (IID or Dirichlet non-IID), and
-stratified hold-outs (validation/test splits).
+"""Partition example indices across hospitals (IID or Dirichlet), and stratified hold-outs.
 
 Both schemes are seeded and reproducible, and return disjoint index sets that together
 cover every example, so that every hospital can compute its own share independently

@@ -1,5 +1,4 @@
-"""A dataset's splits: in-memory arrays (:class:`Split`) or lazily read images
-(:class:`ImageSplit`), and the :class:`Dataset` that holds train, validation and test.
+"""A dataset's splits (in-memory :class:`Split`, lazy :class:`ImageSplit`) and :class:`Dataset`.
 
 Labels are always in memory, apart from the inputs: int64 class labels ``(N,)`` or
 float32 multi-hot labels ``(N, K)`` (multi-label). Each split turns any subset of its rows

@@ -157,9 +157,11 @@ class MobileNetV2(nn.Module):
         input_size: int | None = None,
         bn_momentum: float = BN_MOMENTUM,
         zero_init_residual: bool = True,
+        augment: bool = False,
     ) -> None:
         super().__init__()
         self.input_size = input_size
+        self.augment = augment
         channels = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(LAST_CHANNEL * max(1.0, width_mult))
         layers: list[nn.Module] = [ConvBNReLU6(in_channels, channels, stride=stem_stride)]
@@ -205,14 +207,68 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[batch_size, C, H, W]`` images to ``[batch_size, num_classes]`` logits."""
-        side = min(int(x.shape[-2]), int(x.shape[-1]))
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        side = min(height, width)
+        size = (height, width)
         if self.input_size is not None and side < self.input_size:
             scale = self.input_size / side
-            size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+            size = (round(height * scale), round(width * scale))
+        if self.training and self.augment:
+            x = random_affine(x, size=size)
+        elif size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         features = torch.flatten(self.pool(self.features(x)), 1)
         out: torch.Tensor = self.classifier(features)
         return out
+
+
+def random_affine(
+    x: torch.Tensor,
+    *,
+    size: tuple[int, int],
+    max_scale: float = 0.1,
+    max_degrees: float = 10.0,
+    max_shift: float = 0.1,
+    flip: bool = True,
+) -> torch.Tensor:
+    """Random flips, rotations, zooms and shifts of a batch, resampled to ``size``.
+
+    One bilinear resampling (``affine_grid``/``grid_sample``, reflection padding) per
+    batch, an independent transform per image: scale in ``[1 - max_scale, 1 +
+    max_scale]``, rotation in ``[-max_degrees, max_degrees]`` degrees, shift up to
+    ``max_shift`` of the side, and a horizontal flip with probability 1/2. Random numbers
+    come from torch's global generator (seeded by the training loop).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[B, C, H, W]`` images.
+    size : tuple of int
+        ``(H', W')`` of the output.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, C, H', W']``.
+    """
+    b = x.shape[0]
+    dev, dtype = x.device, x.dtype
+    scale = 1.0 + (torch.rand(b, device=dev, dtype=dtype) * 2 - 1) * max_scale
+    angle = (torch.rand(b, device=dev, dtype=dtype) * 2 - 1) * (max_degrees * torch.pi / 180)
+    shift = (torch.rand(b, 2, device=dev, dtype=dtype) * 2 - 1) * (2 * max_shift)
+    sign = torch.ones(b, device=dev, dtype=dtype)
+    if flip:
+        sign = torch.where(torch.rand(b, device=dev) < 0.5, -sign, sign)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * sign, -sin, shift[:, 0]], dim=1),
+            torch.stack([sin * sign, cos, shift[:, 1]], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, [b, x.shape[1], size[0], size[1]], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def mobilenetv2(
