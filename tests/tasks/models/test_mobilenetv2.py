@@ -128,3 +128,41 @@ def test_width_multiplier_rounds_channels_to_multiples_of_8() -> None:
     assert model.last_channel == 1280
     assert count(model) < 1_000_000
     assert model.eval()(torch.randn(1, 1, 28, 28)).shape == (1, 2)
+
+
+def test_random_affine_identity_flip_and_shapes() -> None:
+    from torch.nn import functional as F  # noqa: N812
+
+    from fedcrypt.tasks.models.mobilenetv2 import random_affine
+
+    x = torch.rand(6, 1, 28, 28)
+    still = random_affine(x, size=(64, 64), max_scale=0, max_degrees=0, max_shift=0, flip=False)
+    torch.testing.assert_close(
+        still, F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    )
+    torch.manual_seed(0)
+    flipped = random_affine(x, size=(28, 28), max_scale=0, max_degrees=0, max_shift=0)
+    kinds = [
+        "flip" if torch.allclose(f, i.flip(-1), atol=1e-5) else "same"
+        for f, i in zip(flipped, x, strict=True)
+        if torch.allclose(f, i.flip(-1), atol=1e-5) or torch.allclose(f, i, atol=1e-5)
+    ]
+    assert len(kinds) == 6 and {"flip", "same"} == set(kinds)
+    moved = random_affine(x, size=(64, 64))
+    assert moved.shape == (6, 1, 64, 64) and not torch.allclose(moved, still)
+
+
+def test_augmentation_only_in_training_mode() -> None:
+    model = MobileNetV2(1, 2, stem_stride=2, input_size=64, augment=True)
+    x = torch.rand(4, 1, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))  # deterministic at evaluation
+    model.train()
+    torch.manual_seed(1)
+    seen: list[torch.Tensor] = []
+    model.features[0].register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert seen[0].shape == (4, 1, 64, 64) and not torch.allclose(seen[0], seen[1])

@@ -158,10 +158,12 @@ class MobileNetV2(nn.Module):
         bn_momentum: float = BN_MOMENTUM,
         zero_init_residual: bool = True,
         augment: bool = False,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
         self.input_size = input_size
         self.augment = augment
+        self.flip_tta = flip_tta
         channels = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(LAST_CHANNEL * max(1.0, width_mult))
         layers: list[nn.Module] = [ConvBNReLU6(in_channels, channels, stride=stem_stride)]
@@ -217,6 +219,12 @@ class MobileNetV2(nn.Module):
             x = random_affine(x, size=size)
         elif size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if not self.training and self.flip_tta:
+            logits: torch.Tensor = (self._head(x) + self._head(x.flip(-1))) / 2
+            return logits
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.flatten(self.pool(self.features(x)), 1)
         out: torch.Tensor = self.classifier(features)
         return out
