@@ -14,7 +14,7 @@ from fedcrypt.exceptions import ConfigError
 Protection = Literal["plain", "he", "secagg"]
 #: Old protection names still accepted (with a warning), and the mode each now means.
 DEPRECATED_PROTECTIONS: dict[str, str] = {"ckks": "he"}
-Partition = Literal["iid", "dirichlet"]
+Partition = Literal["iid", "dirichlet", "none"]
 
 #: Model used when ``--model`` is not given, by dataset kind.
 DEFAULT_MODEL = {"tabular": "mlp", "image": "cnn"}

@@ -25,8 +25,8 @@ from fedcrypt.exceptions import ConfigError, FedcryptError, ProtocolError, TaskE
 from fedcrypt.protection.base import AggregateResult, HospitalProtection
 from fedcrypt.protection.flatten import Layout, flatten, unflatten
 from fedcrypt.task import HospitalDatasets, Task, TaskInfo, TrainSettings, inspect_task, load_task
-from fedcrypt.training import evaluate, train
-from fedcrypt.training.metrics import roc_curve_points
+from fedcrypt.training import EvalResult, evaluate, train
+from fedcrypt.training.metrics import auc, auc_per_label, confusion, roc_curve_points
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def task_for(config: RunConfig) -> Task:
         width_mult=config.width_mult,
         weights=config.weights,
         seed=config.seed,
+        image_size=config.image_size,
     )
 
 
@@ -329,6 +330,8 @@ class LocalSite:
                 weight_decay=cfg.weight_decay,
                 class_weight=cfg.class_weight,
                 seed=seed,
+                label_kind=self.info.label_kind,
+                loss_fn=self.task.loss,
                 **extra,
             ).loss
             if dp is not None:
@@ -344,40 +347,65 @@ class LocalSite:
             metrics["dp-delta"] = float(self.dp_plan.delta)
         return self.weights(), metrics
 
+    def _evaluate_split(self, split: str, *, threshold: float = 0.5) -> EvalResult | None:
+        loader = self._loaders.get(split)
+        if loader is None:
+            return None
+        kind = self.info.label_kind
+        if self.task.evaluate is not None:
+            try:
+                y_true, y_score, loss = self.task.evaluate(self.model, loader)
+            except FedcryptError:
+                raise
+            except Exception as exc:
+                raise TaskError(f"task {self.task.name!r}: evaluate() failed: {exc}") from None
+            return result_from_scores(
+                np.asarray(y_true), np.asarray(y_score, dtype=np.float64), float(loss),
+                label_kind=kind, threshold=threshold,
+            )  # fmt: skip
+        return evaluate(
+            self.model, loader, label_kind=kind, loss_fn=self.task.loss, threshold=threshold
+        )
+
     def evaluate(
         self, vector: NDArray[np.floating], *, final: bool = False
     ) -> tuple[dict[str, float], dict[str, list[float]]]:
         """Load ``vector`` (shape ``(P,)``) and evaluate it on validation and test data.
 
-        On the final round the test ROC curve is returned and, with an ``output_dir``,
-        the model is saved there as ``model.pt`` (a CPU ``state_dict``).
+        Clinical figures of a binary task: confusion counts, sensitivity, specificity and
+        balanced accuracy at 0.5 and, with a validation split, at the Youden threshold
+        chosen on it (applied to test: ``*_youden``). Multi-label and multi-class tasks
+        report per-label (per-class) ROC AUCs (``auc_0`` ...) and their macro average as
+        ``auc``. On the final round the test ROC curve (micro-averaged for more than two
+        classes or labels) is returned and, with an ``output_dir``, the model is saved
+        there as ``model.pt`` (a CPU ``state_dict``).
 
         Returns
         -------
         metrics : dict
-            ``val-*`` and ``test-*`` loss/accuracy/auc with their example counts.
+            ``val-<figure>`` and ``test-<figure>`` (:meth:`EvalResult.metrics`), with
+            ``<split>-examples``.
         curves : dict
             On the final round, ``roc-fpr``/``roc-tpr`` of the test split; else empty.
         """
         self.load(vector)
         metrics: dict[str, float] = {}
         curves: dict[str, list[float]] = {}
-        for split in ("val", "test"):
-            loader = self._loaders.get(split)
-            if loader is None:
-                continue
-            res = evaluate(self.model, loader)
-            metrics.update(
-                {
-                    f"{split}-loss": res.loss,
-                    f"{split}-accuracy": res.accuracy,
-                    f"{split}-auc": res.auc,
-                    f"{split}-examples": float(res.num_examples),
-                }
-            )
-            if final and split == "test" and not math.isnan(res.auc):
-                fpr, tpr = roc_curve_points(res.y_true, res.y_score)
-                curves = {"roc-fpr": fpr.tolist(), "roc-tpr": tpr.tolist()}
+        youden: float | None = None
+        val = self._evaluate_split("val")
+        if val is not None:
+            if val.label_kind == "binary":
+                youden = val.youden_threshold()
+            metrics.update({f"val-{k}": v for k, v in val.metrics().items()})
+        test = self._evaluate_split("test")
+        if test is not None:
+            metrics.update({f"test-{k}": v for k, v in test.metrics(youden=youden).items()})
+            if final and not math.isnan(test.auc):
+                try:
+                    fpr, tpr = roc_curve_points(test.y_true, test.y_score)
+                    curves = {"roc-fpr": fpr.tolist(), "roc-tpr": tpr.tolist()}
+                except ValueError:
+                    curves = {}
         if final and self.output_dir is not None:
             self.save(self.output_dir / "model.pt")
         return metrics, curves
@@ -435,3 +463,50 @@ class LocalSite:
         setter = getattr(self.protection, "set_reference", None)
         if setter is not None:
             setter(result.mean, total_examples=result.total_examples)
+
+
+def result_from_scores(
+    y_true: NDArray[Any],
+    y_score: NDArray[np.float64],
+    loss: float,
+    *,
+    label_kind: str,
+    threshold: float = 0.5,
+) -> EvalResult:
+    """An :class:`EvalResult` from a task's own ``evaluate`` (labels, scores, loss).
+
+    Raises
+    ------
+    fedcrypt.exceptions.TaskError
+        If the shapes do not fit the task's label kind.
+    """
+    try:
+        if label_kind == "multilabel":
+            yt = y_true.astype(np.int64)
+            acc = float(((y_score >= 0.5) == (yt == 1)).mean())
+            per = tuple(float(v) for v in auc_per_label(yt, y_score))
+            conf = None
+        else:
+            yt = y_true.reshape(-1).astype(np.int64)
+            pred = (
+                (y_score >= threshold).astype(np.int64) if y_score.ndim == 1 else y_score.argmax(1)
+            )
+            acc = float((pred == yt).mean())
+            per = ()
+            conf = confusion(yt, y_score, threshold=threshold) if label_kind == "binary" else None
+        value = auc(yt, y_score)
+    except ValueError as exc:
+        raise TaskError(f"evaluate() returned scores that do not fit the labels: {exc}") from None
+    return EvalResult(
+        loss=loss,
+        accuracy=acc,
+        auc=value,
+        num_examples=int(yt.shape[0]),
+        y_true=yt,
+        y_score=y_score,
+        label_kind=label_kind,  # type: ignore[arg-type]
+        auc_per_label=per or (value,),
+        balanced_accuracy=conf.balanced_accuracy if conf is not None else math.nan,
+        threshold=threshold,
+        confusion=conf,
+    )

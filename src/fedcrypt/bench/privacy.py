@@ -364,7 +364,7 @@ def _train_local(
         train(model, loader, epochs=epochs, lr=lr, seed=seed)
         return
     if "wrap" in inspect.signature(train).parameters:
-        train(model, loader, epochs=epochs, lr=lr, seed=seed, wrap=wrap)  # type: ignore[call-arg]
+        train(model, loader, epochs=epochs, lr=lr, seed=seed, wrap=wrap)
         return
     torch.manual_seed(seed)
     optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -403,7 +403,7 @@ def train_direct(opts: Options, ds: Any, *, dp: bool, seed: int, members: Any) -
                 epsilon=opts.dp_epsilon,
                 delta=opts.dp_delta,
                 max_grad_norm=opts.dp_max_grad_norm,
-                num_train=len(share),
+                num_train=len(share),  # type: ignore[arg-type]
                 batch_size=opts.batch_size,
                 rounds=opts.rounds,
                 local_epochs=opts.local_epochs,
@@ -426,7 +426,7 @@ def train_direct(opts: Options, ds: Any, *, dp: bool, seed: int, members: Any) -
             if dp:
                 dps[i].end_round()
             states.append(local.state_dict())
-            weights.append(len(share))
+            weights.append(len(share))  # type: ignore[arg-type]
         total = float(sum(weights))
         avg = {
             k: sum(s[k].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(

@@ -65,15 +65,17 @@ def simulate(
     ),
     dataset: str = typer.Option(
         "wdbc",
-        help="Built-in task: wdbc (embedded Wisconsin breast-cancer table), breastmnist, "
-        "pneumoniamnist, or a path to a MedMNIST .npz file.",
+        help="Built-in task: wdbc (embedded Wisconsin breast-cancer table), a MedMNIST name "
+        "(breastmnist, pneumoniamnist, chestmnist, ...), a MedMNIST .npz path, a folder of "
+        "images in class sub-folders (optionally under train/ val/ test/), or a CSV "
+        "manifest (path,label or path,label_1,...,label_K).",
     ),
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="Folder holding <dataset>.npz (e.g. ../shared/data)."
     ),
     model: str | None = typer.Option(
         None,
-        help="Built-in model: mlp, cnn or mobilenetv2.",
+        help="Built-in model: mlp, cnn, mobilenetv2 or resnet18.",
         show_default="mlp for tables, cnn for images",
     ),
     clients: int = typer.Option(3, help="Number of simulated hospitals."),
@@ -88,7 +90,11 @@ def simulate(
         "--class-weight",
         help="none, or balanced (weights the loss against class imbalance).",
     ),
-    partition: str = typer.Option("iid", help="iid, or dirichlet (non-IID label skew)."),
+    partition: str = typer.Option(
+        "iid",
+        help="iid, dirichlet (non-IID label skew), or none (every hospital uses the whole "
+        "dataset: its own data on the deployment engine).",
+    ),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skewed)."),
     seed: int = typer.Option(0, help="Seed for partitioning, initialisation and training."),
     protection: str = typer.Option(
@@ -115,6 +121,13 @@ def simulate(
         None, "--weights", help="A state_dict file to start from (e.g. pretrained MobileNetV2)."
     ),
     width_mult: float = typer.Option(1.0, "--width-mult", help="Model width multiplier."),
+    image_size: int | None = typer.Option(
+        None,
+        "--image-size",
+        help="Side in pixels images are resized to (MedMNIST names: 64, 128 or 224 read "
+        "the MedMNIST+ file <name>_<size>.npz).",
+        show_default="the model's native size",
+    ),
     min_hospitals: int | None = typer.Option(
         None,
         "--min-hospitals",
@@ -186,6 +199,7 @@ def simulate(
         encrypt_layers=encrypt_layers,
         weights=weights,
         width_mult=width_mult,
+        image_size=image_size,
         min_hospitals=min_hospitals,
         round_timeout=round_timeout,
         fraction=fraction,

@@ -73,6 +73,30 @@ class TrainOutcome:
     aggregate_seconds: float = 0.0
 
 
+_RATES = ("sensitivity", "specificity", "balanced_accuracy", "precision", "npv")
+
+
+def pooled_confusion(records: Sequence[Mapping[str, Any]], *, prefix: str) -> dict[str, float]:
+    """Confusion counts summed over hospitals, and the rates computed from the sums.
+
+    Sensitivity is pooled, not averaged: ``sum(tp) / sum(tp + fn)`` (at 0.5, and at each
+    hospital's Youden threshold for the ``_youden`` figures).
+    """
+    from fedcrypt.training.metrics import Confusion
+
+    out: dict[str, float] = {}
+    for suffix in ("", "_youden"):
+        keys = [f"{prefix}{k}{suffix}" for k in ("tp", "fp", "tn", "fn")]
+        rows = [r for r in records if all(k in r for k in keys)]
+        if not rows:
+            continue
+        sums = {k.removeprefix(prefix): sum(_num(r[k]) for r in rows) for k in keys}
+        pooled = Confusion.from_counts(sums, suffix=suffix)
+        for name, value in pooled.as_dict().items():
+            out[f"{prefix}{name}{suffix}"] = value
+    return out
+
+
 def _num(value: object) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
@@ -190,6 +214,8 @@ class ProtectedFedAvg(Strategy):
             [{k: v for k, v in m.items() if k.startswith("test-")} for m in scalars],
             weight_key="test-examples",
         )
+        val.update(pooled_confusion(scalars, prefix="val-"))
+        test.update(pooled_confusion(scalars, prefix="test-"))
         unprotect = plain_mean(scalars, "unprotect-seconds")
         for m in records:
             if "roc-fpr" in m:
@@ -445,13 +471,20 @@ def round_record(
 
     train = out.metrics
     core = {"loss", "accuracy", "auc", "examples"}
-    extra = {
+    extra: dict[str, Any] = {
         k.removeprefix("test-").replace("-", "_"): float(v)
         for k, v in ev.items()
         if k.startswith("test-")
         and k.removeprefix("test-") not in core
         and isinstance(v, int | float)
     }
+    per_label = sorted(
+        (int(k[4:]), v) for k, v in extra.items() if k[:4] == "auc_" and k[4:].isdigit()
+    )
+    if per_label:
+        extra["auc_per_label"] = [v for _, v in per_label]
+        for i, _ in per_label:
+            del extra[f"auc_{i}"]
     if "dp-epsilon" in train:
         extra["epsilon"] = float(train["dp-epsilon"])
         extra["delta"] = float(train["dp-delta"])

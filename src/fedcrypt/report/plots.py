@@ -22,7 +22,17 @@ def plot_roc(record: RunRecord, path: Path) -> Path | None:
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"ROC, test split, round {len(record.rounds)}")
+    kind = record.info.get("label_kind")
+    positive = record.info.get("positive_class")
+    if kind == "binary" and positive:
+        what = f"positive class: {positive}"
+    elif kind in ("multiclass", "multilabel"):
+        what = "micro-average over " + (
+            "classes (one-vs-rest)" if kind == "multiclass" else "labels"
+        )
+    else:
+        what = "test split"
+    ax.set_title(f"ROC, round {len(record.rounds)}\n{what}", fontsize=10, parse_math=False)
     ax.legend(loc="lower right")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)

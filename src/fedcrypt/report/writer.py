@@ -40,6 +40,36 @@ def _protection_line(record: RunRecord) -> str:
     return f"{cfg.get('protection')}{preset}: {_threat(cfg.get('protection'))}"
 
 
+def _clinical_lines(record: RunRecord) -> list[str]:
+    """The labels, which AUC average is reported, and the clinical figures."""
+    info, final = record.info, record.final
+    kind = info.get("label_kind")
+    lines = []
+    if kind == "binary" and info.get("positive_class"):
+        lines.append(f"- positive class: **{info['positive_class']}** (ROC AUC of that class)")
+    elif kind == "multiclass":
+        lines.append("- ROC AUC: one-vs-rest, macro-averaged over the classes")
+    elif kind == "multilabel":
+        per = final.get("auc_per_label") or []
+        names = info.get("class_names") or [f"label {i}" for i in range(len(per))]
+        shown = ", ".join(
+            f"{n} {v:.3f}" if isinstance(v, float) else f"{n} —"
+            for n, v in zip(names, per, strict=False)
+        )
+        lines.append(f"- ROC AUC: macro average over {len(per)} labels; per label: {shown}")
+    figures = []
+    for key, name in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                      ("balanced_accuracy", "balanced accuracy")):  # fmt: skip
+        if isinstance(final.get(key), float):
+            at = f"{final[key]:.4f}"
+            if isinstance(final.get(f"{key}_youden"), float):
+                at += f" ({final[f'{key}_youden']:.4f} at the Youden threshold)"
+            figures.append(f"{name} {at}")
+    if figures:
+        lines.append("- at threshold 0.5 (pooled over hospitals): " + ", ".join(figures))
+    return lines
+
+
 def _dp_lines(record: RunRecord) -> list[str]:
     """The differential-privacy guarantee, in words, when the run used DP."""
     cfg, final = record.config, record.final
@@ -76,6 +106,7 @@ def markdown(record: RunRecord, *, roc_png: str | None, rounds_png: str) -> str:
         f"- protection: {_protection_line(record)}",
         f"- final test accuracy **{_fmt(final.get('accuracy', math.nan))}**, "
         f"ROC AUC **{_fmt(final.get('auc', math.nan))}**",
+        *_clinical_lines(record),
         *_dp_lines(record),
         f"- wall time {record.seconds:.1f} s",
         "",

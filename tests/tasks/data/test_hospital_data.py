@@ -8,7 +8,7 @@ import torch
 
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.tasks.data.datasets import Dataset, Split
-from fedcrypt.tasks.data.hospital import hospital_data
+from fedcrypt.tasks.data.hospital import hospital_data, hospital_splits
 
 
 def make_dataset(n_train: int = 300, n_test: int = 40) -> Dataset:
@@ -90,3 +90,58 @@ def test_batches_and_seeded_shuffling() -> None:
 def test_bad_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         hospital_data(make_dataset(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_partition_none_gives_each_hospital_the_whole_dataset() -> None:
+    ds = make_dataset()
+    for c in range(3):
+        h = hospital_data(ds, client_id=c, num_clients=3, partition="none")
+        assert (h.num_train, h.num_val, h.num_test) == (300, 10, 40)
+        np.testing.assert_array_equal(np.sort(ids(h.val)), np.arange(10_000, 10_010))
+
+
+def test_multilabel_and_lazy_images_are_split_without_reading_pixels() -> None:
+    from fedcrypt.tasks.data.images import ImageDataset, ImageSource
+    from fedcrypt.tasks.data.splits import ImageSplit
+
+    class Counting(ImageSource):
+        reads = 0
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+        def read(self, index: int, *, channels: int, size: tuple[int, int]) -> np.ndarray:
+            Counting.reads += 1
+            return np.full((channels, *size), index / self.n, dtype=np.float32)
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> ImageSplit:
+        y = (rng.random((n, 5)) < 0.3).astype(np.float32)
+        return ImageSplit(Counting(n), y, channels=1, size=(4, 4))
+
+    ds = Dataset(
+        name="chest-like",
+        kind="image",
+        train=split(200),
+        val=split(20),
+        test=split(30),
+        num_classes=5,
+        input_shape=(1, 4, 4),
+        class_names=tuple("abcde"),
+    )
+    assert ds.label_kind == "multilabel"
+    hs = [hospital_splits(ds, client_id=c, num_clients=3, seed=1) for c in range(3)]
+    assert Counting.reads == 0
+    train, val, test = hs[0]
+    assert isinstance(train, ImageDataset) and len(test) == 30
+    assert abs(len(val) - 0.2 * (len(train) + len(val))) <= 1
+    rows = np.concatenate([np.concatenate([h[0].rows, h[1].rows]) for h in hs])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(200))
+    loader = hospital_data(ds, client_id=0, num_clients=3, seed=1, batch_size=8).train
+    x, y = next(iter(loader))
+    assert x.shape == (8, 1, 4, 4) and y.shape == (8, 5) and y.dtype == torch.float32
+    assert Counting.reads == 8

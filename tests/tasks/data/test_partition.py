@@ -7,7 +7,7 @@ import pytest
 
 from fedcrypt.exceptions import ConfigError
 from fedcrypt.tasks.data import partition
-from fedcrypt.tasks.data.partition import partition_indices
+from fedcrypt.tasks.data.partition import label_keys, partition_indices, stratified_holdout
 
 LABELS = np.repeat(np.arange(3), [200, 100, 50]).astype(np.int64)  # 350 examples, 3 classes
 
@@ -105,6 +105,44 @@ def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
 
 def test_bad_labels() -> None:
     with pytest.raises(ConfigError, match="1-D integer"):
-        partition_indices(np.zeros((4, 2), dtype=np.int64), 2)
+        partition_indices(np.zeros((4, 2, 2), dtype=np.int64), 2)
     with pytest.raises(ConfigError, match="1-D integer"):
         partition_indices(np.zeros(4), 2)  # type: ignore[arg-type]
+
+
+MULTI = (np.random.default_rng(0).random((300, 4)) < 0.25).astype(np.float32)
+
+
+def test_label_keys_group_by_combination() -> None:
+    y = np.array([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=np.float32)
+    keys = label_keys(y)
+    assert keys.dtype == np.int64 and keys[0] == keys[2] and len(set(keys)) == 3
+    np.testing.assert_array_equal(label_keys(np.array([2, 0, 1])), [2, 0, 1])
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_multilabel_partitions(scheme: str) -> None:
+    parts = partition_indices(MULTI, 3, scheme=scheme, alpha=0.5, seed=2)  # type: ignore[arg-type]
+    assert_disjoint_cover(parts, 300)
+    if scheme == "iid":
+        # every hospital gets its share of every label combination (to within one)
+        keys = label_keys(MULTI)
+        for k in np.unique(keys):
+            counts = [int(np.sum(keys[p] == k)) for p in parts]
+            assert max(counts) - min(counts) <= 1
+    else:
+        mixes = np.array([MULTI[p].mean(axis=0) for p in parts])
+        assert np.abs(mixes - MULTI.mean(axis=0)).max() > 0.05  # skewed label mixes
+
+
+def test_stratified_holdout_keeps_group_shares() -> None:
+    keys = np.repeat([0, 1, 2, 3, 4], [50, 30, 15, 4, 1]).astype(np.int64)
+    kept, held = stratified_holdout(keys, 0.2, np.random.default_rng(0))
+    assert held.size == 20 and kept.size == 80
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, held])), np.arange(100))
+    for k, share in ((0, 10), (1, 6), (2, 3)):
+        assert abs(int(np.sum(keys[held] == k)) - share) <= 1
+    kept, held = stratified_holdout(keys[:2], 0.01, np.random.default_rng(0))
+    assert held.size == 1 and kept.size == 1  # at least one each way
+    kept, held = stratified_holdout(keys, 0.0, np.random.default_rng(0))
+    assert held.size == 0 and kept.size == 100

@@ -1,20 +1,37 @@
-"""One hospital's torch ``DataLoader`` objects: its share of training data, a local
-validation split, and the common test split."""
+"""One hospital's data: its share of the training split, local validation, the test split.
+
+As torch datasets (:func:`hospital_splits`) or loaders (:func:`hospital_data`): the
+hospital's share of the training split, a local validation split held out of it, and
+the common test split; or, with ``partition="none"``, the whole dataset (a hospital's
+own data on the deployment engine).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from fedcrypt.exceptions import ConfigError
-from fedcrypt.tasks.data.datasets import Dataset, Split
-from fedcrypt.tasks.data.partition import PARTITIONS, partition_indices
+from fedcrypt.tasks.data.partition import (
+    PARTITIONS,
+    label_keys,
+    partition_indices,
+    stratified_holdout,
+)
+from fedcrypt.tasks.data.splits import Dataset
+
+#: ``partition`` values of :func:`hospital_data`: the schemes of
+#: :func:`~fedcrypt.tasks.data.partition.partition_indices`, and ``"none"`` (every hospital
+#: holds the whole dataset: its own data, on the deployment engine).
+HOSPITAL_PARTITIONS: tuple[str, ...] = (*PARTITIONS, "none")
 
 
 @dataclass
@@ -22,7 +39,7 @@ class HospitalData:
     """The loaders one hospital trains and evaluates with.
 
     Each loader yields ``(x, y)`` batches: ``x`` float32 ``[batch_size, *input_shape]``,
-    ``y`` int64 ``[batch_size]``.
+    ``y`` int64 ``[batch_size]`` (or float32 ``[batch_size, K]``, multi-label).
 
     Attributes
     ----------
@@ -37,9 +54,9 @@ class HospitalData:
         Number of examples in each loader; ``num_train`` is the FedAvg weight.
     """
 
-    train: DataLoader[tuple[torch.Tensor, ...]]
-    val: DataLoader[tuple[torch.Tensor, ...]]
-    test: DataLoader[tuple[torch.Tensor, ...]]
+    train: DataLoader[tuple[torch.Tensor, torch.Tensor]]
+    val: DataLoader[tuple[torch.Tensor, torch.Tensor]]
+    test: DataLoader[tuple[torch.Tensor, torch.Tensor]]
     num_train: int
     num_val: int
     num_test: int
@@ -61,10 +78,15 @@ def hospital_data(
     ``dataset.train`` is partitioned among the ``num_clients`` hospitals with
     :func:`~fedcrypt.tasks.data.partition.partition_indices` (the same seed at every hospital
     gives disjoint shares). Each hospital then holds out ``val_fraction`` of its share,
-    stratified by label where possible, as its local validation split. The dataset's
-    official ``val`` split is *not* used here: it stays out of the federation, available
-    to the server or a centralized baseline for model selection. Every hospital's
-    ``test`` loader is the common ``dataset.test``.
+    stratified by label (by label combination, multi-label), as its local validation
+    split. The dataset's official ``val`` split is *not* used here: it stays out of the
+    federation, available to the server or a centralized baseline for model selection.
+    Every hospital's ``test`` loader is the common ``dataset.test``.
+
+    With ``partition="none"`` the dataset is this hospital's own: its ``train``, ``val``
+    and ``test`` splits are used whole (``val_fraction`` is ignored).
+
+    No image is read here: shares are chosen from the labels alone.
 
     Parameters
     ----------
@@ -74,7 +96,7 @@ def hospital_data(
         This hospital's index in ``[0, num_clients)``.
     num_clients : int
         Number of hospitals (>= 1).
-    partition : {"iid", "dirichlet"}
+    partition : {"iid", "dirichlet", "none"}
         Partition scheme (default: ``"iid"``).
     alpha : float
         Dirichlet concentration for ``"dirichlet"`` (default: 0.5).
@@ -101,14 +123,48 @@ def hospital_data(
         raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if not isinstance(client_id, Integral) or not 0 <= client_id < num_clients:
         raise ConfigError(f"client_id must be in [0, {num_clients}), got {client_id!r}")
-    if partition not in PARTITIONS:
-        raise ConfigError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+    if partition not in HOSPITAL_PARTITIONS:
+        raise ConfigError(
+            f"unknown partition {partition!r}; choose one of {', '.join(HOSPITAL_PARTITIONS)}"
+        )
     if not (math.isfinite(val_fraction) and 0.0 <= val_fraction < 1.0):
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
     client_id, num_clients, batch_size = int(client_id), int(num_clients), int(batch_size)
+    train_ds, val_ds, test_ds = _splits(
+        dataset,
+        client_id=client_id,
+        num_clients=num_clients,
+        partition=partition,
+        alpha=alpha,
+        seed=seed,
+        val_fraction=val_fraction,
+    )
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + client_id)
+    return HospitalData(
+        train=DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator),
+        val=DataLoader(val_ds, batch_size=batch_size, shuffle=False),
+        test=DataLoader(test_ds, batch_size=batch_size, shuffle=False),
+        num_train=len(train_ds),
+        num_val=len(val_ds),
+        num_test=len(test_ds),
+    )
+
+
+def _splits(
+    dataset: Dataset,
+    *,
+    client_id: int,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    seed: int,
+    val_fraction: float,
+) -> tuple[TorchDataset[Any], TorchDataset[Any], TorchDataset[Any]]:
+    if partition == "none":
+        return dataset.train.dataset(), dataset.val.dataset(), dataset.test.dataset()
     min_size = 2 if val_fraction > 0 else 1
     parts = partition_indices(
         dataset.train.y,
@@ -121,18 +177,10 @@ def hospital_data(
     own = parts[client_id]
     rng = np.random.default_rng([seed, client_id])
     train_idx, val_idx = _holdout(dataset.train.y[own], own, val_fraction, rng)
-
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + client_id)
-    train_ds = _tensors(dataset.train, train_idx)
-    val_ds = _tensors(dataset.train, val_idx)
-    test_ds = _tensors(dataset.test, None)
-    return HospitalData(
-        train=DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator),
-        val=DataLoader(val_ds, batch_size=batch_size, shuffle=False),
-        test=DataLoader(test_ds, batch_size=batch_size, shuffle=False),
-        num_train=int(train_idx.size),
-        num_val=int(val_idx.size),
-        num_test=len(dataset.test),
+    return (
+        dataset.train.dataset(train_idx),
+        dataset.train.dataset(val_idx),
+        dataset.test.dataset(),
     )
 
 
@@ -145,11 +193,13 @@ def hospital_splits(
     alpha: float = 0.5,
     seed: int = 0,
     val_fraction: float = 0.2,
-) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
-    """Hospital ``client_id``'s (train, val, test) torch datasets in a simulated federation.
+) -> tuple[TorchDataset[Any], TorchDataset[Any], TorchDataset[Any]]:
+    """Hospital ``client_id``'s (train, val, test) torch datasets.
 
     The same partition and local validation split as :func:`hospital_data` (which wraps
-    these in loaders); ``test`` is the dataset's common test split.
+    these in loaders); ``test`` is the dataset's common test split. The datasets yield
+    ``(x, y)`` pairs and expose their labels as a ``labels`` array (image datasets) or
+    as a ``TensorDataset``'s second tensor, so labels are read without reading images.
 
     Raises
     ------
@@ -165,24 +215,27 @@ def hospital_splits(
         seed=seed,
         val_fraction=val_fraction,
     )
-    parts = (data.train.dataset, data.val.dataset, data.test.dataset)
-    assert all(isinstance(d, TensorDataset) for d in parts)
-    return parts  # type: ignore[return-value]
+    return data.train.dataset, data.val.dataset, data.test.dataset
 
 
 def _holdout(
-    y: NDArray[np.int64],
+    y: NDArray[Any],
     idx: NDArray[np.int64],
     fraction: float,
     rng: np.random.Generator,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Split ``idx`` (labels ``y``) into (train, val), ``val`` ≈ ``fraction``, per class.
+    """Split ``idx`` (labels ``y``) into (train, val), ``val`` ≈ ``fraction``, stratified.
 
-    Each class contributes ``round(fraction * n_k)`` examples; if that leaves ``val``
-    empty, one random example is held out. ``train`` always keeps at least one example.
+    Class labels: each class contributes ``round(fraction * n_k)`` examples; if that
+    leaves ``val`` empty, one random example is held out. Multi-hot labels: stratified
+    by label combination (:func:`~fedcrypt.tasks.data.partition.stratified_holdout`).
+    ``train`` always keeps at least one example.
     """
     if fraction == 0 or idx.size < 2:
         return np.sort(idx), np.empty(0, dtype=np.int64)
+    if y.ndim == 2:
+        kept, held = stratified_holdout(label_keys(y), fraction, rng)
+        return np.sort(idx[kept]).astype(np.int64), np.sort(idx[held]).astype(np.int64)
     val_parts: list[NDArray[np.int64]] = []
     for k in np.unique(y):
         members = rng.permutation(idx[y == k])
@@ -194,9 +247,3 @@ def _holdout(
         val = val[1:]
     train = np.setdiff1d(idx, val)
     return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64)
-
-
-def _tensors(split: Split, rows: NDArray[np.int64] | None) -> TensorDataset:
-    x = split.x if rows is None else split.x[rows]
-    y = split.y if rows is None else split.y[rows]
-    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))

@@ -1,15 +1,20 @@
-"""Split a dataset's example indices across hospitals: IID or Dirichlet non-IID.
+"""Partition example indices across hospitals (IID or Dirichlet), and stratified hold-outs.
 
 Both schemes are seeded and reproducible, and return disjoint index sets that together
 cover every example, so that every hospital can compute its own share independently
 from the same ``(labels, num_clients, scheme, alpha, seed)``.
+
+Multi-label data (multi-hot labels ``(N, K)``) are stratified and skewed on the **label
+combination**: each distinct multi-hot row (e.g. "effusion + nodule", or "no finding")
+is one group (:func:`label_keys`). IID then gives every hospital its share of every
+combination; Dirichlet skews the hospitals' mixes of combinations.
 """
 
 from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,8 +28,78 @@ MAX_DIRICHLET_DRAWS = 100_000
 _DRAWS_PER_BATCH = 500
 
 
+def label_keys(labels: NDArray[Any]) -> NDArray[np.int64]:
+    """The stratification group of each example: its class, or its label combination.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Integer class labels ``(N,)``, or 0/1 multi-hot labels ``(N, K)`` (any dtype).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``(N,)``: the class itself for ``(N,)`` labels; for ``(N, K)`` labels the
+        index of the example's multi-hot row among the distinct rows (sorted), so two
+        examples share a key exactly when they have the same labels.
+
+    Raises
+    ------
+    ConfigError
+        If ``labels`` is neither ``(N,)`` integers nor ``(N, K)``.
+    """
+    y = np.asarray(labels)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    if y.ndim == 2:
+        rows = (y > 0.5).astype(np.uint8)
+        _, inverse = np.unique(rows, axis=0, return_inverse=True)
+        return inverse.reshape(-1).astype(np.int64)
+    raise ConfigError(f"labels must be (N,) integers or (N, K) multi-hot, got {y.dtype} {y.shape}")
+
+
+def stratified_holdout(
+    keys: NDArray[np.int64],
+    fraction: float,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Split positions ``0 .. N-1`` into (kept, held out), stratified by ``keys``.
+
+    The examples are shuffled within each group and the groups laid end to end; the
+    ``m = round(fraction * N)`` held-out examples are then taken at evenly spaced
+    positions (systematic sampling with a random start), so every group gives up its
+    share to within one example, even groups of a single example (rare label
+    combinations) as a whole. With ``0 < fraction`` and ``N >= 2`` at least one example
+    is held out and at least one kept.
+
+    Parameters
+    ----------
+    keys : numpy.ndarray
+        int64 ``(N,)`` groups (:func:`label_keys`).
+    fraction : float
+        Share to hold out, in ``[0, 1)``.
+    rng : numpy.random.Generator
+        Source of the shuffles.
+
+    Returns
+    -------
+    kept, held_out : numpy.ndarray
+        Sorted int64 positions, disjoint, covering ``0 .. N-1``.
+    """
+    n = int(keys.size)
+    if fraction <= 0 or n < 2:
+        return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+    order = np.concatenate([rng.permutation(np.flatnonzero(keys == k)) for k in np.unique(keys)])
+    m = min(max(round(fraction * n), 1), n - 1)
+    start = rng.random()
+    picks = np.floor((np.arange(m) + start) * n / m).astype(np.int64)
+    held = np.sort(order[np.minimum(picks, n - 1)])
+    kept = np.setdiff1d(np.arange(n, dtype=np.int64), held)
+    return kept.astype(np.int64), held.astype(np.int64)
+
+
 def partition_indices(
-    labels: NDArray[np.integer],
+    labels: NDArray[Any],
     num_clients: int,
     *,
     scheme: Literal["iid", "dirichlet"] = "iid",
@@ -37,7 +112,8 @@ def partition_indices(
     Parameters
     ----------
     labels : numpy.ndarray
-        Integer class labels, shape ``(N,)``.
+        Integer class labels, shape ``(N,)``, or multi-hot labels ``(N, K)`` (grouped
+        by label combination, :func:`label_keys`).
     num_clients : int
         Number of hospitals ``M`` (>= 1).
     scheme : {"iid", "dirichlet"}
@@ -69,9 +145,12 @@ def partition_indices(
         If an argument is invalid, ``N < M * min_size``, or no Dirichlet draw met
         ``min_size`` (use a larger ``alpha``, fewer hospitals or a smaller ``min_size``).
     """
-    y = np.asarray(labels)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+    raw = np.asarray(labels)
+    if not (raw.ndim == 1 and np.issubdtype(raw.dtype, np.integer)) and raw.ndim != 2:
+        raise ConfigError(
+            f"labels must be a 1-D integer array or (N, K) multi-hot, got {raw.dtype} {raw.shape}"
+        )
+    y = label_keys(raw)
     if isinstance(num_clients, bool) or not isinstance(num_clients, Integral) or num_clients < 1:
         raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, Integral) or min_size < 0:

@@ -4,13 +4,23 @@ Reference: M. Sandler, A. Howard, M. Zhu, A. Zhmoginov, L.-C. Chen, "MobileNetV2
 Inverted Residuals and Linear Bottlenecks", CVPR 2018, arXiv:1801.04381.
 
 The feature extractor follows the paper's Table 2 and torchvision's implementation
-(same module names, so torchvision ``features.*`` weights load into :attr:`features`),
-with two changes for small medical images:
+(same module names, so torchvision ``features.*`` weights load into :attr:`features`,
+see :mod:`fedcrypt.tasks.models.torchvision_weights`), with changes for small medical
+images:
 
 * the first convolution takes ``C`` input channels (1 for grey MedMNIST);
-* the stem convolution has stride 1 when the input is smaller than 64 pixels on a side,
-  so a 28x28 image leaves a 2x2 (not 1x1) map for the last blocks (overall stride 16
-  instead of 32); inputs of 64 pixels and more use the standard stride 2.
+* inputs smaller than ``input_size`` (default :data:`DEFAULT_INPUT_SIZE`) pixels on a
+  side are upsampled (bilinear) inside the model to that size, so a 28x28 image is seen
+  at the scale the network's five stride-2 stages expect and its last feature map is
+  not 1x1;
+* the stem convolution has stride 1 when the (upsampled) input is smaller than 64
+  pixels (overall stride 16 instead of 32); 64 pixels and more use the standard stride 2;
+* BatchNorm uses momentum :data:`BN_MOMENTUM` (torchvision: 0.1), so that the running
+  statistics used at evaluation follow the weights within the few dozen local steps of
+  a federated round (with 0.1 they lag behind, and an evaluated model predicts one class);
+* the last BatchNorm of every residual block starts at zero ("zero-init residual",
+  Goyal et al., arXiv:1706.02677, 2017), so the network starts shallow and trains faster
+  from random weights.
 
 The head is the seed paper's: ``Dropout -> Linear(1280, 320) -> Linear(320, K)``
 (no non-linearity between the two linear layers, as in that paper), producing logits.
@@ -20,11 +30,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 LAST_CHANNEL = 1280
 HEAD_WIDTH = 320
 STEM_STRIDE2_MIN_SIZE = 64
-"""Inputs with ``min(H, W)`` below this use a stride-1 stem."""
+"""Inputs with ``min(H, W)`` below this (after upsampling) use a stride-1 stem."""
+DEFAULT_INPUT_SIZE = 64
+"""Smaller inputs are upsampled to this side (pixels) inside the model."""
+BN_MOMENTUM = 0.5
+"""BatchNorm momentum (the weight of the current batch in the running statistics)."""
 
 # (expansion t, output channels c, repeats n, first stride s): the paper's Table 2.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -122,6 +137,13 @@ class MobileNetV2(nn.Module):
     stem_stride : int
         Stride of the first convolution: 2 as in the paper, 1 for small inputs
         (default: 2; :func:`mobilenetv2` picks it from the input size).
+    input_size : int, optional
+        Inputs with ``min(H, W)`` below this are upsampled (bilinear, aspect kept) so
+        that their shorter side is this many pixels (default: None: no upsampling).
+    bn_momentum : float
+        Momentum of every BatchNorm layer (default: :data:`BN_MOMENTUM`).
+    zero_init_residual : bool
+        Start the last BatchNorm scale of each residual block at 0 (default: True).
     """
 
     def __init__(
@@ -132,8 +154,16 @@ class MobileNetV2(nn.Module):
         width_mult: float = 1.0,
         dropout: float = 0.2,
         stem_stride: int = 2,
+        input_size: int | None = None,
+        bn_momentum: float = BN_MOMENTUM,
+        zero_init_residual: bool = True,
+        augment: bool = False,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
+        self.input_size = input_size
+        self.augment = augment
+        self.flip_tta = flip_tta
         channels = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(LAST_CHANNEL * max(1.0, width_mult))
         layers: list[nn.Module] = [ConvBNReLU6(in_channels, channels, stride=stem_stride)]
@@ -153,6 +183,15 @@ class MobileNetV2(nn.Module):
             nn.Linear(HEAD_WIDTH, num_classes),
         )
         self._init_weights()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
+        if zero_init_residual:
+            for m in self.features.modules():
+                if isinstance(m, InvertedResidual) and m.use_res_connect:
+                    last = m.conv[-1]
+                    assert isinstance(last, nn.BatchNorm2d)
+                    nn.init.zeros_(last.weight)
 
     def _init_weights(self) -> None:
         # torchvision's initialisation
@@ -170,20 +209,100 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[batch_size, C, H, W]`` images to ``[batch_size, num_classes]`` logits."""
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        side = min(height, width)
+        size = (height, width)
+        if self.input_size is not None and side < self.input_size:
+            scale = self.input_size / side
+            size = (round(height * scale), round(width * scale))
+        if self.training and self.augment:
+            x = random_affine(x, size=size)
+        elif size != (height, width):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if not self.training and self.flip_tta:
+            logits: torch.Tensor = (self._head(x) + self._head(x.flip(-1))) / 2
+            return logits
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.flatten(self.pool(self.features(x)), 1)
         out: torch.Tensor = self.classifier(features)
         return out
 
 
+def random_affine(
+    x: torch.Tensor,
+    *,
+    size: tuple[int, int],
+    max_scale: float = 0.1,
+    max_degrees: float = 10.0,
+    max_shift: float = 0.1,
+    flip: bool = True,
+) -> torch.Tensor:
+    """Random flips, rotations, zooms and shifts of a batch, resampled to ``size``.
+
+    One bilinear resampling (``affine_grid``/``grid_sample``, reflection padding) per
+    batch, an independent transform per image: scale in ``[1 - max_scale, 1 +
+    max_scale]``, rotation in ``[-max_degrees, max_degrees]`` degrees, shift up to
+    ``max_shift`` of the side, and a horizontal flip with probability 1/2. Random numbers
+    come from torch's global generator (seeded by the training loop).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[B, C, H, W]`` images.
+    size : tuple of int
+        ``(H', W')`` of the output.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, C, H', W']``.
+    """
+    b = x.shape[0]
+    dev, dtype = x.device, x.dtype
+    scale = 1.0 + (torch.rand(b, device=dev, dtype=dtype) * 2 - 1) * max_scale
+    angle = (torch.rand(b, device=dev, dtype=dtype) * 2 - 1) * (max_degrees * torch.pi / 180)
+    shift = (torch.rand(b, 2, device=dev, dtype=dtype) * 2 - 1) * (2 * max_shift)
+    sign = torch.ones(b, device=dev, dtype=dtype)
+    if flip:
+        sign = torch.where(torch.rand(b, device=dev) < 0.5, -sign, sign)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * sign, -sin, shift[:, 0]], dim=1),
+            torch.stack([sin * sign, cos, shift[:, 1]], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, [b, x.shape[1], size[0], size[1]], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def mobilenetv2(
-    input_shape: tuple[int, ...], num_classes: int, *, width_mult: float = 1.0, dropout: float = 0.2
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width_mult: float = 1.0,
+    dropout: float = 0.2,
+    input_size: int | None = DEFAULT_INPUT_SIZE,
 ) -> MobileNetV2:
     """Build a :class:`MobileNetV2` for ``input_shape = (C, H, W)``.
 
-    The stem stride is 1 when ``min(H, W) < 64`` and 2 otherwise.
+    Inputs smaller than ``input_size`` (default: :data:`DEFAULT_INPUT_SIZE`; None: never)
+    are upsampled to it inside the model. The stem stride is 1 when the (upsampled)
+    ``min(H, W) < 64`` and 2 otherwise.
     """
     channels, height, width = input_shape
-    stem_stride = 1 if min(height, width) < STEM_STRIDE2_MIN_SIZE else 2
+    side = min(height, width)
+    if input_size is not None:
+        side = max(side, input_size)
+    stem_stride = 1 if side < STEM_STRIDE2_MIN_SIZE else 2
     return MobileNetV2(
-        channels, num_classes, width_mult=width_mult, dropout=dropout, stem_stride=stem_stride
+        channels,
+        num_classes,
+        width_mult=width_mult,
+        dropout=dropout,
+        stem_stride=stem_stride,
+        input_size=input_size,
     )
