@@ -54,3 +54,15 @@ def test_lower_layers_do_not_import_upper_ones() -> None:
     for low in ("protection", "tasks", "training", "config", "exceptions", "task", "site"):
         bad = edges.get(low, set()) & upper
         assert not bad, f"{low} imports {sorted(bad)}"
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest's default import mode puts each test directory on ``sys.path`` under its
+    basename, so two ``test_x.py`` (or helper modules) in different folders break collection."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, list[str]] = defaultdict(list)
+    for path in tests.rglob("*.py"):
+        if path.name not in {"conftest.py", "__init__.py"}:
+            seen[path.name].append(str(path.relative_to(tests)))
+    clashes = {name: where for name, where in seen.items() if len(where) > 1}
+    assert not clashes, clashes

@@ -1,7 +1,7 @@
 """Golden files of secagg: key files, the state file and derivations must keep working.
 
 The files in ``tests/golden/secagg`` were written once by
-``tests/golden/secagg/make_golden.py``. Sites keep their key files for a whole study and
+``tests/golden/secagg/make_secagg_golden.py``. Sites keep their key files for a whole study and
 their state files across upgrades; hospitals running different versions must agree on
 what they sign and how they derive the group mask. Every later version must load these
 files and reproduce the known answers.
@@ -27,7 +27,7 @@ from fedcrypt.protection.secagg.state import Progress, load_progress
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "secagg"
 sys.path.insert(0, str(GOLDEN))
-import make_golden as mg  # noqa: E402
+import make_secagg_golden as mg  # noqa: E402
 
 INFO = json.loads((GOLDEN / "golden.json").read_text())
 

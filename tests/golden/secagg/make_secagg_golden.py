@@ -1,6 +1,6 @@
 """Regenerate the secagg golden files (run once per format change, from the project root).
 
-    python tests/golden/secagg/make_golden.py
+    python tests/golden/secagg/make_secagg_golden.py
 
 The files pin formats other parties depend on: the consortium key files written by
 ``fedcrypt keys generate --protection secagg`` (sites keep them for a whole study), a
