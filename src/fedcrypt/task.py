@@ -197,7 +197,13 @@ class Task:
 
 
 def _importable(module: str) -> bool:
-    """Whether ``module`` is found on ``sys.path`` (else it was loaded from a file)."""
+    """Whether another process finds ``module`` by name: a module inside an installed
+    package. A top-level module (a user's ``my_task.py``) is referred to by its file, as
+    the simulation workers need not share this process's ``sys.path`` or directory;
+    ``find_spec`` alone would answer from ``sys.modules``.
+    """
+    if "." not in module:
+        return False
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):

@@ -14,7 +14,7 @@ from fedcrypt.config import RunConfig
 from fedcrypt.federation.secagg_flow import SecAggOptions
 from fedcrypt.federation.simulation import run_simulation
 from fedcrypt.protection.secagg import TooFewSurvivorsError
-from fedcrypt.tasks.builtin import _dataset
+from fedcrypt.tasks.data.datasets import load_dataset
 from fedcrypt.tasks.data.hospital import hospital_data
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def _weights(run_dir: Path) -> np.ndarray:
 
 
 def _total_examples(cfg: RunConfig) -> int:
-    data = _dataset(cfg.dataset, "", cfg.seed)
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
     return sum(
         hospital_data(data, client_id=i, num_clients=cfg.clients, seed=cfg.seed).num_train
         for i in range(cfg.clients)
@@ -73,9 +73,11 @@ def test_secagg_metrics_match_plain_and_cost_about_the_plaintext(runs: dict[str,
     rnd = m["secagg"]["rounds"][-1]
     assert rnd["clients"] == 3
     assert rnd["encrypt_seconds"] > 0 and rnd["aggregate_seconds"] > 0
-    # 4 bytes per value (+ small protocol messages) vs plain's 8-byte float64 payload
+    # 4 bytes per masked value, as plain's float32, plus the protocol's small messages
+    # (public keys, Shamir shares, signatures: about 2.3 KB per hospital and round here,
+    # 1.14x plain on this 4,130-value model; a fixed cost, so ~1.0x on real models)
     plain_up = m["plain"]["rounds"][-1]["bytes_up_per_client"]
-    assert 0.4 * plain_up < rnd["bytes_up_per_client"] < 0.7 * plain_up
+    assert plain_up < rnd["bytes_up_per_client"] < plain_up + 4000
     assert (runs["secagg"] / "report.md").is_file()
 
 

@@ -393,7 +393,7 @@ def test_upload_size_limit(tmp_path: Path, clock: FakeClock) -> None:
     api = Api(app, clock)
     _, a = api.hospital()
     fid = api.federation(quorum=2, model_size=None)
-    big = plain_update(np.ones(140_000), 2)  # 1.1 MB
+    big = plain_update(np.ones(280_000), 2)  # 1.1 MB of float32
     r = api.upload(fid, 1, big, a)
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert list(api.portal.store.tmp.iterdir()) == []

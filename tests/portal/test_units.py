@@ -50,7 +50,7 @@ def test_inspect_file_matches_wire_unpack(tmp_path: Path) -> None:
     blob = plain_update(np.arange(5.0), 7)
     info = inspect_file(_write(tmp_path, blob))
     env = wire.unpack(blob)
-    assert info.header == env.header and info.section_lengths == (40,)
+    assert info.header == env.header and info.section_lengths == (20,)  # 5 float32 values
     assert (info.num_examples, info.num_updates, info.size) == (7, 1, 5)
     check_against_federation(info, scheme=PLAIN, model_size=5, key_fingerprint=None)
     with pytest.raises(ProtocolError, match="wrong model size"):

@@ -53,7 +53,7 @@ def test_image_folder_task(tmp_path: Path) -> None:
     task = builtin_task(dataset=str(image_folder(tmp_path / "data")))
     info = inspect_task(task, num_hospitals=3, seed=0)
     assert info.label_kind == "binary" and info.positive_class == "malignant"
-    assert info.input_shape == (1, 28, 28) and info.model_name == "SmallCNN"  # cnn: 28 px
+    assert info.input_shape == (1, 28, 28) and info.model_name == "cnn"  # 28 px
     parts = [task.datasets(h, 3, 0) for h in range(3)]
     rows = np.concatenate([np.concatenate([p.train.rows, p.val.rows]) for p in parts])  # type: ignore[union-attr]
     assert len(set(rows.tolist())) == rows.size  # disjoint shares
@@ -81,5 +81,5 @@ def test_chestmnist_shaped_task_is_multilabel(tmp_path: Path) -> None:
 def test_medmnist_keeps_28px_and_mobilenet_upsamples(shared_data: Path) -> None:
     task = builtin_task(dataset="breastmnist", data_dir=shared_data, model="mobilenetv2")
     info = inspect_task(task, num_hospitals=3, seed=0)
-    assert info.input_shape == (1, 28, 28) and info.model_name == "MobileNetV2"
+    assert info.input_shape == (1, 28, 28) and info.model_name == "mobilenetv2"
     assert task.label_kind == "binary" and task.class_names == ("malignant", "normal, benign")

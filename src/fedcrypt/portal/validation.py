@@ -204,9 +204,10 @@ def _grid(header: dict[str, Any], table_sha256: str | None) -> Grid:
         raise ProtocolError("malformed packed update: its header names no quantization mode")
     if table_sha256 is None:
         raise ProtocolError("malformed packed update: no step-table section")
-    empty = table_sha256 == hashlib.sha256(b"").hexdigest()
-    if (mode == MODE_CALIBRATION) != empty:
-        raise ProtocolError("malformed packed update: its step table does not match its mode")
+    if table_sha256 == hashlib.sha256(b"").hexdigest():
+        # Format 2: every round's table holds the encrypted quantization plan (and, in a
+        # calibrated round, the steps), so an empty one is malformed in either mode.
+        raise ProtocolError("malformed packed update: its step table is empty")
     steps = header.get("steps")
     if not isinstance(steps, str) or not table_sha256.startswith(steps) or len(steps) < 16:
         raise ProtocolError("malformed packed update: the header's step-table hash is wrong")
