@@ -157,13 +157,11 @@ def _received_plain(local: NDArray[np.float64], n: int) -> bytes:
 
 
 def _read_plain(blob: bytes) -> NDArray[np.float64]:
-    """The server's reading of a plain envelope: the weighted vector over its count."""
-    from fedcrypt.protection import wire
+    """The server's reading of a plain envelope: the weighted vector over its count
+    (decoded as the plain aggregator decodes it, so the attack follows the wire format)."""
+    from fedcrypt.protection.plain import PlainHospital
 
-    env = wire.unpack(blob, expect_scheme="plain")
-    n = wire.header_int(env.header, "num_examples", minimum=1)
-    vec = np.frombuffer(env.sections[0], dtype=">f8").astype(np.float64)
-    return vec / n
+    return np.asarray(PlainHospital().unprotect(blob).mean, dtype=np.float64)
 
 
 def _bytes_as_values(payload: bytes, size: int) -> NDArray[np.float64]:
