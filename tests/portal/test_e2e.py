@@ -244,5 +244,5 @@ def test_three_hospitals_two_ckks_rounds_with_a_restart(server: Server, tmp_path
     assert secret not in blobs
     for data in blobs:
         if hashlib.sha256(data).hexdigest() not in public:  # updates and aggregates
-            assert data.startswith(b"FCRY") and b'"scheme":"ckks"' in data[:4096]
+            assert data.startswith(b"FCRY") and b'"scheme":"he"' in data[:4096]
     assert "Traceback" not in server.log.read_text()

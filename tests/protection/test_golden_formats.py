@@ -108,6 +108,9 @@ def test_golden_keys_round_trip(preset: str) -> None:
     server = keys.server_from_bytes(_read(f"{preset}-server-key.bin"))
     a, b = golden_vectors()
     msgs = [hospital.protect(v, num_examples=n) for v, n in zip((a, b), EXAMPLES, strict=True)]
+    # keys written under the old tag ``ckks`` (also for BFV) now write messages tagged ``he``
+    assert wire.unpack(_read(f"{preset}-server-key.bin")).header["scheme"] == "ckks"
+    assert {wire.unpack(m).header["scheme"] for m in msgs} == {"he"}
     agg = hospital.unprotect(server.aggregate(msgs))
     assert agg.total_examples == sum(EXAMPLES)
     np.testing.assert_allclose(agg.mean, _expected_mean(), rtol=0, atol=1e-4)

@@ -23,6 +23,12 @@ def test_wrong_scheme_is_rejected() -> None:
         wire.unpack(blob, expect_scheme="ckks")
 
 
+def test_a_scheme_and_its_older_tags_are_accepted() -> None:
+    assert wire.unpack(wire.pack({"scheme": "ckks"}, []), expect_scheme=("he", "ckks"))
+    with pytest.raises(ProtocolError, match="scheme 'plain', expected 'he'"):
+        wire.unpack(wire.pack({"scheme": "plain"}, []), expect_scheme=("he", "ckks"))
+
+
 @pytest.mark.parametrize("cut", [0, 3, 8, 12, 20])
 def test_truncation_is_rejected(cut: int) -> None:
     blob = wire.pack({"scheme": "x"}, [b"payload-bytes"])

@@ -242,7 +242,7 @@ def check_against_federation(
     fedcrypt.exceptions.ProtocolError
         Naming what does not match.
     """
-    if info.scheme != scheme.wire_scheme:
+    if info.scheme not in scheme.read_schemes:
         raise ProtocolError(
             f"the update is protected with {info.scheme!r} but this federation uses {scheme.name!r}"
         )

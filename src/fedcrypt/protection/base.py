@@ -162,7 +162,10 @@ class Scheme:
     title : str
         A few words for people ("homomorphic encryption").
     wire_scheme : str
-        The scheme tag in its protected messages' headers.
+        The scheme tag written in its protected messages' headers.
+    legacy_wire_schemes : tuple of str
+        Older tags still read (``ckks`` for ``he`` messages and key files written before
+        the rename).
     server_sees_updates : bool
         Whether the server can read an individual hospital's update.
     server_sees_aggregate : bool
@@ -207,6 +210,12 @@ class Scheme:
     server: ServerFactory | None = None
     check_upload: UploadInspector | None = None
     aliases: tuple[str, ...] = ()
+    legacy_wire_schemes: tuple[str, ...] = ()
+
+    @property
+    def read_schemes(self) -> tuple[str, ...]:
+        """Every scheme tag accepted in this mode's messages (current first)."""
+        return (self.wire_scheme, *self.legacy_wire_schemes)
 
     def hospital_protection(
         self, *, key_file: Path | None = None, encrypt_layers: str = "all", layout: object = None

@@ -39,6 +39,7 @@ HE = Scheme(
     name=he.MODE,
     title="homomorphic encryption",
     wire_scheme=he.WIRE_SCHEME,
+    legacy_wire_schemes=he.LEGACY_WIRE_SCHEMES,
     server_sees_updates=False,
     server_sees_aggregate=False,
     key_pair=True,

@@ -126,7 +126,9 @@ def mask_digest(mask: NDArray[np.bool_]) -> str:
     return hashlib.sha256(np.packbits(mask).tobytes() + str(mask.size).encode()).hexdigest()
 
 
-def _parse(blob: bytes, scheme: str) -> tuple[dict[str, Any], bytes, NDArray[np.float64]]:
+def _parse(
+    blob: bytes, scheme: tuple[str, ...]
+) -> tuple[dict[str, Any], bytes, NDArray[np.float64]]:
     env = wire.unpack(blob, expect_scheme=scheme)
     h = env.header
     if h.get("selective") is not True or len(env.sections) != 2:
@@ -189,6 +191,7 @@ class SelectiveHospital:
             raise ConfigError("the encryption mask must be 1-D and select at least one value")
         self.scheme = inner.scheme
         self.wire_scheme: str = getattr(inner, "wire_scheme", inner.scheme)
+        self.read_schemes: tuple[str, ...] = getattr(inner, "read_schemes", (self.wire_scheme,))
         self._inner = inner
         self._mask = m
         self._digest = mask_digest(m)
@@ -267,7 +270,7 @@ class SelectiveHospital:
         DecryptionError
             If the encrypted part does not decrypt.
         """
-        h, inner_blob, plain = _parse(aggregate, self.wire_scheme)
+        h, inner_blob, plain = _parse(aggregate, self.read_schemes)
         if h["mask"] != self._digest or h["size"] != self._mask.size:
             raise ProtocolError("aggregate used another layer selection than this hospital")
         inner = (
@@ -298,6 +301,7 @@ class SelectiveAggregator:
     def __init__(self, inner: ServerAggregator, mask_size: int | None = None) -> None:
         self.scheme = inner.scheme
         self.wire_scheme: str = getattr(inner, "wire_scheme", inner.scheme)
+        self.read_schemes: tuple[str, ...] = getattr(inner, "read_schemes", (self.wire_scheme,))
         self._inner = inner
         self._size = mask_size
 
@@ -313,7 +317,7 @@ class SelectiveAggregator:
         """
         if not updates:
             raise AggregationError("no updates to aggregate")
-        parsed = [_parse(blob, self.wire_scheme) for blob in updates]
+        parsed = [_parse(blob, self.read_schemes) for blob in updates]
         h0 = parsed[0][0]
         for h, _, _ in parsed:
             if h["mask"] != h0["mask"] or h["size"] != h0["size"]:

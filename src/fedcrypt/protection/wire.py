@@ -74,15 +74,20 @@ def pack(header: dict[str, Any], sections: Iterable[bytes | memoryview]) -> byte
     return b"".join(parts)
 
 
-def unpack(data: bytes | bytearray | memoryview, *, expect_scheme: str | None = None) -> Envelope:
+def unpack(
+    data: bytes | bytearray | memoryview,
+    *,
+    expect_scheme: str | tuple[str, ...] | None = None,
+) -> Envelope:
     """Parse a message produced by :func:`pack`; sections are zero-copy views.
 
     Parameters
     ----------
     data : bytes-like
         The received message.
-    expect_scheme : str, optional
-        If given, the header's scheme must equal it.
+    expect_scheme : str or tuple of str, optional
+        If given, the header's scheme must equal it (or one of them: a scheme's current
+        tag and its older ones).
 
     Raises
     ------
@@ -105,10 +110,12 @@ def unpack(data: bytes | bytearray | memoryview, *, expect_scheme: str | None = 
         raise ProtocolError("malformed protected message: header is not JSON") from exc
     if not isinstance(header, dict) or not isinstance(header.get("scheme"), str):
         raise ProtocolError("malformed protected message: header has no scheme")
-    if expect_scheme is not None and header["scheme"] != expect_scheme:
-        raise ProtocolError(
-            f"protected message uses scheme {header['scheme']!r}, expected {expect_scheme!r}"
-        )
+    if expect_scheme is not None:
+        accepted = (expect_scheme,) if isinstance(expect_scheme, str) else expect_scheme
+        if header["scheme"] not in accepted:
+            raise ProtocolError(
+                f"protected message uses scheme {header['scheme']!r}, expected {accepted[0]!r}"
+            )
     pos = 9 + hlen
     (count,) = struct.unpack(">I", buf[pos : pos + 4])
     pos += 4

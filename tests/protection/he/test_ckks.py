@@ -85,7 +85,7 @@ def test_fedavg_matches_plaintext_within_derived_bound(
 def test_update_is_seeded_and_packed(pair: tuple[CKKSHospital, CKKSAggregator]) -> None:
     hospital, server = pair
     blob = hospital.protect(np.ones(P), num_examples=1)
-    env = wire.unpack(blob, expect_scheme="ckks")
+    env = wire.unpack(blob, expect_scheme="he")
     h = env.header
     assert (h["format"], h["ciphertexts"], h["size"], h["num_examples"]) == (2, 3, P, 1)
     assert h["fingerprint"] == hospital.fingerprint

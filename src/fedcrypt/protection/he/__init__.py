@@ -14,9 +14,9 @@ from typing import Any
 
 from fedcrypt.exceptions import KeyMaterialError, ProtocolError
 from fedcrypt.protection.base import HospitalProtection, ServerAggregator, UploadCheck
-from fedcrypt.protection.he.params import MODE, WIRE_SCHEME
+from fedcrypt.protection.he.params import LEGACY_WIRE_SCHEMES, MODE, WIRE_SCHEME
 
-__all__ = ["MODE", "WIRE_SCHEME", "check_upload", "hospital", "server"]
+__all__ = ["LEGACY_WIRE_SCHEMES", "MODE", "WIRE_SCHEME", "check_upload", "hospital", "server"]
 
 
 def _require(path: Path | None, what: str) -> Path:

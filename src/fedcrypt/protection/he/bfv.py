@@ -56,7 +56,7 @@ from fedcrypt.protection.he.integrity import (
     derive,
     integrity_error,
 )
-from fedcrypt.protection.he.params import ENCODING_BFV, MODE, WIRE_SCHEME, HEPreset
+from fedcrypt.protection.he.params import ENCODING_BFV, MODE, READ_SCHEMES, WIRE_SCHEME, HEPreset
 from fedcrypt.protection.he.quantize import (
     FieldPacking,
     QuantPlan,
@@ -129,7 +129,7 @@ def parse(blob: bytes, preset: HEPreset, *, slots: int, poly_bytes: int) -> Pack
         If the message is malformed, of another format version, or does not match the
         preset's layout.
     """
-    env = wire.unpack(blob, expect_scheme=SCHEME)
+    env = wire.unpack(blob, expect_scheme=READ_SCHEMES)
     h = env.header
     if h.get("encoding") != ENCODING_BFV:
         raise ProtocolError(
@@ -253,6 +253,7 @@ class BFVHospital:
 
     scheme = MODE
     wire_scheme = WIRE_SCHEME
+    read_schemes = READ_SCHEMES
 
     def __init__(
         self, ctx: BFVContext, *, preset: HEPreset, fingerprint: str, layout: Any = None
@@ -655,6 +656,7 @@ class BFVAggregator:
 
     scheme = MODE
     wire_scheme = WIRE_SCHEME
+    read_schemes = READ_SCHEMES
 
     def __init__(self, ctx: BFVContext, *, preset: HEPreset, fingerprint: str) -> None:
         if not preset.is_packed or not isinstance(ctx, BFVContext):

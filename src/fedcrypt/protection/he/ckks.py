@@ -44,7 +44,7 @@ from fedcrypt.protection.he.integrity import (
     integrity_error,
 )
 from fedcrypt.protection.he.params import ENCODING_CKKS as ENCODING_FLOAT
-from fedcrypt.protection.he.params import MODE, WIRE_SCHEME, HEPreset
+from fedcrypt.protection.he.params import MODE, READ_SCHEMES, WIRE_SCHEME, HEPreset
 from fedcrypt.protection.he.quantize import QuantPlan
 from fedcrypt.protection.he.seal import CKKSContext, WordFormat, public_word_format
 
@@ -92,7 +92,7 @@ class _Parsed:
 
 
 def _parse(blob: bytes, preset: HEPreset, fmt: WordFormat) -> _Parsed:
-    env = wire.unpack(blob, expect_scheme=SCHEME)
+    env = wire.unpack(blob, expect_scheme=READ_SCHEMES)
     h = env.header
     encoding = framing.header_str(h, "encoding")
     if encoding != ENCODING_FLOAT:
@@ -164,6 +164,7 @@ class CKKSHospital:
 
     scheme = MODE
     wire_scheme = WIRE_SCHEME
+    read_schemes = READ_SCHEMES
 
     def __init__(
         self, context: ts.Context, *, preset: HEPreset, fingerprint: str, layout: Any = None
@@ -406,6 +407,7 @@ class CKKSAggregator:
 
     scheme = MODE
     wire_scheme = WIRE_SCHEME
+    read_schemes = READ_SCHEMES
 
     def __init__(self, public_context: ts.Context, *, preset: HEPreset, fingerprint: str) -> None:
         if preset.is_packed or not isinstance(public_context, ts.Context):

@@ -2,8 +2,8 @@
 
 Key files are :mod:`~fedcrypt.protection.wire` envelopes (never pickles)::
 
-    header  {"scheme": WIRE_SCHEME, "kind": "hospital-secret" | "server-public", "format": 1,
-             "preset": {...}, "key_id": hex, "fingerprint": hex}
+    header  {"scheme": "he" (older files: "ckks"), "kind": "hospital-secret" | "server-public",
+             "format": 1, "preset": {...}, "key_id": hex, "fingerprint": hex}
     section 0: hospital: the secret key material (a TenSEAL CKKS context with its secret
                key, or a SEAL BFV secret key); server: the public context again
     section 1: the public context (TenSEAL CKKS context without keys, or serialized SEAL
@@ -42,7 +42,13 @@ from fedcrypt.exceptions import ConfigError, KeyMaterialError, ProtocolError
 from fedcrypt.protection import wire
 from fedcrypt.protection.he.bfv import BFVAggregator, BFVHospital
 from fedcrypt.protection.he.ckks import CKKSAggregator, CKKSHospital, context_for, public_bytes
-from fedcrypt.protection.he.params import DEFAULT_PRESET, WIRE_SCHEME, HEPreset, get_preset
+from fedcrypt.protection.he.params import (
+    DEFAULT_PRESET,
+    READ_SCHEMES,
+    WIRE_SCHEME,
+    HEPreset,
+    get_preset,
+)
 from fedcrypt.protection.he.seal import BFVContext
 
 KIND_HOSPITAL = "hospital-secret"
@@ -166,7 +172,7 @@ class KeyFileInfo:
 def _parse(data: bytes) -> tuple[str, HEPreset, str, bytes | memoryview, bytes]:
     """Validate a key file's envelope; return kind, preset, fingerprint, context, public."""
     try:
-        env = wire.unpack(data, expect_scheme=WIRE_SCHEME)
+        env = wire.unpack(data, expect_scheme=READ_SCHEMES)  # 'ckks' in older key files
     except ProtocolError as exc:
         raise KeyMaterialError(f"not a fedcrypt HE key file ({exc})") from exc
     h = env.header

@@ -31,9 +31,13 @@ MIN_PRIME_BITS = 17
 
 #: The protection mode these parameter sets serve (``--protection he``).
 MODE = "he"
-#: The scheme tag written in protected messages and key files. It predates the mode's
-#: rename from ``ckks`` to ``he`` and stays so that existing key files keep loading.
-WIRE_SCHEME = "ckks"
+#: The scheme tag written in protected messages and key files (CKKS and BFV alike).
+WIRE_SCHEME = "he"
+#: The tag written before the mode's rename from ``ckks`` to ``he`` (it named BFV messages
+#: too): key files and messages carrying it are still read.
+LEGACY_WIRE_SCHEMES: tuple[str, ...] = ("ckks",)
+#: Every tag a reader accepts.
+READ_SCHEMES: tuple[str, ...] = (WIRE_SCHEME, *LEGACY_WIRE_SCHEMES)
 
 #: Hospitals per round a preset accepts by default (sets the carry headroom, bits).
 DEFAULT_MAX_HOSPITALS = 64
