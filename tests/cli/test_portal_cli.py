@@ -636,3 +636,31 @@ def test_secagg_participate_three_hospitals_in_process(
     code, out, err = _run(["portal", "status", "sa", "--token", tokens[0]], monkeypatch, capsys)
     assert code == 0, err
     assert "done" in out and "dropped out: none" in out
+
+
+@pytest.mark.parametrize("preset", ["packed", "fast"])
+def test_decrypt_of_a_flipped_byte_fails_with_an_integrity_error(
+    preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One flipped byte anywhere in the ciphertext payload: decrypt exits 2 and says so."""
+    run = lambda args: _run(args, monkeypatch, capsys)  # noqa: E731
+    keys, init = tmp_path / "keys", tmp_path / "init.pt"
+    assert run(["keys", "generate", "--out", str(keys), "--he-preset", preset])[0] == 0
+    assert run(["portal", "init-model", "-o", str(init)])[0] == 0
+    up = tmp_path / "up.fcry"
+    bind = ["--key", str(keys / "hospital.key"), "--round", "1", "--run", "demo"]
+    code, _, err = run(
+        ["portal", "protect", str(init), "-o", str(up), "--num-examples", "10", *bind]
+    )
+    assert code == 0, err
+    args = ["portal", "decrypt", "--like", str(init), "-o", str(tmp_path / "g.pt"), *bind]
+    code, _, err = run([*args[:2], str(up), *args[2:]])
+    assert code == 0, err  # the intact message decrypts
+    data = bytearray(up.read_bytes())
+    for where in (len(data) // 2, len(data) - 100):  # inside c0, inside the seeds
+        bad = tmp_path / f"bad-{where}.fcry"
+        flipped = bytearray(data)
+        flipped[where] ^= 0x01
+        bad.write_bytes(bytes(flipped))
+        code, _, err = run([*args[:2], str(bad), *args[2:]])
+        assert code == 2 and "integrity check failed (round 1)" in err, err
