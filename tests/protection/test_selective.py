@@ -94,6 +94,27 @@ def test_selective_fedavg(layout: Layout, keys_fast: tuple[bytes, bytes]) -> Non
     expected = sum(u * n for u, n in zip(updates, counts, strict=True)) / sum(counts)
     np.testing.assert_allclose(result.mean, expected, atol=1e-6)
     assert (result.total_examples, result.num_updates) == (35, 3)
+    # the clear part travels as float32 values (4 bytes each), as plain sends them
+    assert env.header["clear"] == "float32"
+    assert len(env.sections[1]) == 4 * int((~mask).sum())
+
+
+def test_older_float64_clear_parts_are_still_read(
+    layout: Layout, keys_fast: tuple[bytes, bytes]
+) -> None:
+    """A message of before the ``clear`` field: weighted float64 sums, still added and read."""
+    mask = select_layers(layout, "last")
+    hospital = SelectiveHospital(hospital_from_bytes(keys_fast[0]), mask)
+    server = SelectiveAggregator(server_from_bytes(keys_fast[1]), mask_size=layout.size)
+    base = flatten(_model().state_dict())
+    env = wire.unpack(hospital.protect(base, num_examples=4))
+    old_header = {k: v for k, v in env.header.items() if k != "clear"}
+    clear = np.frombuffer(env.sections[1], dtype=">f4").astype(np.float64) * 4
+    old = wire.pack(old_header, [bytes(env.sections[0]), clear.astype(">f8").tobytes()])
+    result = hospital.unprotect(server.aggregate([old, hospital.protect(base, num_examples=4)]))
+    np.testing.assert_allclose(result.mean, base, atol=1e-6)
+    with pytest.raises(ProtocolError, match="plaintext format"):
+        server.aggregate([wire.pack({**env.header, "clear": "int8"}, list(env.sections))])
 
 
 def test_selective_with_packed_inner(layout: Layout, tmp_path: Path) -> None:

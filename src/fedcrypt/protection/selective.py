@@ -3,8 +3,10 @@
 The seed paper (Lessage et al.) encrypts only MobileNetV2's last layer (and in one
 experiment four). ``--encrypt-layers`` chooses the tensors: ``all``, ``last`` (the last
 parameterized module), ``last:N`` (the last ``N`` parameterized modules) or a regular
-expression searched in tensor names. Unselected tensors travel in plaintext (weighted
-float64, visible to the server); the message records the fraction encrypted.
+expression searched in tensor names. Unselected tensors travel in plaintext (float32, as
+``plain`` sends them, visible to the server; the server sums ``n_i x_i`` in float64 and
+sends the mean in float32); the message records the fraction encrypted. Messages written
+before the header field ``clear`` carried weighted float64 sums; they are still read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from fedcrypt.protection.base import (
 from fedcrypt.protection.flatten import Layout
 
 _LAST = re.compile(r"^last(?::(\d+))?$")
+#: ``clear`` header value: the plaintext part is float32 values (an upload: the hospital's
+#: values; an aggregate: the FedAvg mean). Without the field: float64 weighted sums.
+CLEAR_FLOAT32 = "float32"
 _PARAM_LEAVES = ("weight", "bias")
 
 
@@ -137,11 +142,21 @@ def _parse(
     enc = wire.header_int(h, "encrypted", minimum=1)
     wire.header_int(h, "num_examples", minimum=1)
     wire.header_int(h, "num_updates", minimum=1)
-    if enc > size or len(env.sections[1]) != 8 * (size - enc):
+    clear = h.get("clear")
+    if clear not in (None, CLEAR_FLOAT32):
+        raise ProtocolError(f"malformed selective message: unknown plaintext format {clear!r}")
+    width = 4 if clear == CLEAR_FLOAT32 else 8
+    if enc > size or len(env.sections[1]) != width * (size - enc):
         raise ProtocolError("malformed selective message: plaintext part has the wrong size")
     if not isinstance(h.get("mask"), str):
         raise ProtocolError("malformed selective message: no mask digest")
-    plain = np.frombuffer(env.sections[1], dtype=">f8").astype(np.float64)
+    if clear == CLEAR_FLOAT32:
+        values = np.frombuffer(env.sections[1], dtype=">f4").astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ProtocolError("malformed selective message: non-finite plaintext values")
+        plain = values * float(h["num_examples"])  # the weighted sum, as before
+    else:
+        plain = np.frombuffer(env.sections[1], dtype=">f8").astype(np.float64)
     return h, bytes(env.sections[0]), plain
 
 
@@ -156,6 +171,8 @@ def _write(
     inner: bytes,
     plain: NDArray[np.float64],
 ) -> bytes:
+    """``plain`` is the weighted sum ``Σ n_i x_i`` (float64); it is sent as the float32
+    values ``plain / num_examples``."""
     header = {
         "scheme": scheme,
         "selective": True,
@@ -165,8 +182,10 @@ def _write(
         "fraction_encrypted": encrypted / size,
         "num_examples": int(num_examples),
         "num_updates": int(num_updates),
+        "clear": CLEAR_FLOAT32,
     }
-    return wire.pack(header, [inner, plain.astype(">f8").tobytes()])
+    values = np.asarray(plain, dtype=np.float64) / float(num_examples)
+    return wire.pack(header, [inner, values.astype(">f4").tobytes()])
 
 
 class SelectiveHospital:
@@ -235,7 +254,7 @@ class SelectiveHospital:
             )
 
     def protect(self, update: NDArray[np.floating], *, num_examples: int) -> bytes:
-        """Encrypt the selected values, send ``num_examples * rest`` as float64.
+        """Encrypt the selected values, send the rest as float32 (with ``num_examples``).
 
         Raises
         ------
@@ -306,7 +325,8 @@ class SelectiveAggregator:
         self._size = mask_size
 
     def aggregate(self, updates: Sequence[bytes]) -> bytes:
-        """Add the encrypted parts with ``inner`` and the plaintext parts in float64.
+        """Add the encrypted parts with ``inner`` and the plaintext parts (``Σ n_i x_i`` in
+        float64; the aggregate carries their mean in float32).
 
         Raises
         ------
