@@ -176,7 +176,7 @@ class Scheme:
         secagg's consortium key files (``--protection secagg``) are the staged
         protocol's own.
     staged : bool
-        True for multi-stage protocols (secagg: four signed exchanges per round); False
+        True for multi-stage protocols (secagg: five signed exchanges per round); False
         for single-message schemes (one upload per hospital per round).
     layer_selection : bool
         Whether ``--encrypt-layers`` applies (encrypt some tensors, send the rest in
