@@ -3,7 +3,6 @@ manifests, checked with the public task contract (inspect_task)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,7 @@ from fedcrypt.task import inspect_task
 from fedcrypt.tasks.builtin import DEFAULT_LR, builtin_task
 from fedcrypt.tasks.models import MODELS
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Use one intra-op thread: on a busy 2-core machine more threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def image_folder(root: Path, *, n: int = 30, side: int = 50) -> Path:

@@ -5,7 +5,6 @@ BreastMNIST and over a ChestMNIST-shaped multi-label file."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,7 @@ from fedcrypt.task import Task, inspect_task
 from fedcrypt.tasks.builtin import builtin_task
 from fedcrypt.training import EvalResult, evaluate, train
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Use one intra-op thread: on a busy 2-core machine more threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def fedavg(

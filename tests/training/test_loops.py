@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,14 +18,7 @@ from fedcrypt.tasks.models import create_model
 from fedcrypt.training import EvalResult, evaluate, train
 from fedcrypt.training.loops import _balanced_weights, dataset_labels, recalibrate_batchnorm
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Use one intra-op thread: on a busy 2-core machine more threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def loader(x: np.ndarray, y: np.ndarray, batch_size: int = 16) -> DataLoader:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -16,13 +14,7 @@ from fedcrypt.tasks.models.resnet import ResNet18, resnet18
 TORCHVISION_RESNET18_PARAMS = 11_689_512
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Use one intra-op thread: on a busy 2-core machine more threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def count(module: nn.Module) -> int:

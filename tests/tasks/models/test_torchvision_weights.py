@@ -10,7 +10,6 @@ project's model code, and checked against torchvision's published parameter coun
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,7 @@ TORCHVISION_MOBILENET_V2_PARAMS = 3_504_872
 TORCHVISION_RESNET18_PARAMS = 11_689_512
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Use one intra-op thread: on a busy 2-core machine more threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class StateBuilder:
