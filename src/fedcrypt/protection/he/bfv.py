@@ -41,7 +41,6 @@ from numpy.typing import NDArray
 from fedcrypt.exceptions import (
     AggregationError,
     ConfigError,
-    DecryptionError,
     KeyMaterialError,
     ProtocolError,
 )
@@ -530,12 +529,7 @@ class BFVHospital:
         wf = self._ctx.word_format
         msg = parse(aggregate, self._preset, slots=self._preset.slots, poly_bytes=wf.poly_bytes)
         common = msg.common
-        if common.fingerprint != self._fingerprint:
-            raise DecryptionError(
-                "aggregate was encrypted under another key context "
-                f"(fingerprint {common.fingerprint[:16]}…, this hospital's key is "
-                f"{self._fingerprint[:16]}…)"
-            )
+        framing.check_key(common, self._fingerprint)
         self._state.accept(common.run, common.round, expect_round=round)
         digest = hashlib.sha256(aggregate).hexdigest()
         if self._last is not None and self._last[0] == digest:
@@ -699,18 +693,7 @@ class BFVAggregator:
             parse(blob, preset, slots=preset.slots, poly_bytes=wf.poly_bytes) for blob in updates
         ]
         first = msgs[0]
-        for i, m in enumerate(msgs):
-            c = m.common
-            if c.fingerprint != fingerprint:
-                raise AggregationError(
-                    f"{framing.who(i, c)} was encrypted under another key context "
-                    f"(fingerprint {c.fingerprint[:16]}…, server key {fingerprint[:16]}…)"
-                )
-            if c.size != first.common.size:
-                raise AggregationError(
-                    f"update sizes differ: {c.size} values vs {first.common.size} values"
-                )
-        framing.check_same_round([m.common for m in msgs])
+        framing.check_updates([m.common for m in msgs], fingerprint)
         for i, m in enumerate(msgs):
             if (
                 m.mode != first.mode

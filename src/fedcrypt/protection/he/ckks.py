@@ -26,7 +26,6 @@ from numpy.typing import NDArray
 from fedcrypt.exceptions import (
     AggregationError,
     ConfigError,
-    DecryptionError,
     KeyMaterialError,
     ProtocolError,
 )
@@ -325,12 +324,7 @@ class CKKSHospital:
         wf = self._seal.word_format
         msg = _parse(aggregate, self._preset, wf)
         common = msg.common
-        if common.fingerprint != self._fingerprint:
-            raise DecryptionError(
-                "aggregate was encrypted under another key context "
-                f"(fingerprint {common.fingerprint[:16]}…, this hospital's key is "
-                f"{self._fingerprint[:16]}…)"
-            )
+        framing.check_key(common, self._fingerprint)
         self._state.accept(common.run, common.round, expect_round=round)
         digest = hashlib.sha256(aggregate).hexdigest()
         if self._last is not None and self._last[0] == digest:
@@ -448,18 +442,7 @@ class CKKSAggregator:
             raise AggregationError("no updates to aggregate")
         parsed = [_parse(blob, self._preset, self._format) for blob in updates]
         first = parsed[0].common
-        for i, msg in enumerate(parsed):
-            c = msg.common
-            if c.fingerprint != self._fingerprint:
-                raise AggregationError(
-                    f"{framing.who(i, c)} was encrypted under another key context "
-                    f"(fingerprint {c.fingerprint[:16]}…, server key {self._fingerprint[:16]}…)"
-                )
-            if c.size != first.size:
-                raise AggregationError(
-                    f"update sizes differ: {c.size} values vs {first.size} values"
-                )
-        framing.check_same_round([m.common for m in parsed])
+        framing.check_updates([m.common for m in parsed], self._fingerprint)
         k_total = sum(m.common.num_updates for m in parsed)
         if k_total > self._preset.max_hospitals:
             raise AggregationError(

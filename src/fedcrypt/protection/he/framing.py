@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcrypt.exceptions import AggregationError, ProtocolError
+from fedcrypt.exceptions import AggregationError, DecryptionError, ProtocolError
 from fedcrypt.protection import wire
 from fedcrypt.protection.he.integrity import FORMAT, MAX_RUN_ID, RESERVED
 from fedcrypt.protection.he.seal import SEED_BYTES, Sealed, WordFormat
@@ -190,6 +190,43 @@ def sealed_of(
 def who(index: int, common: Common) -> str:
     """``update 3`` or ``update 3 (hospital 'h2')`` for server errors."""
     return f"update {index}" + (f" (hospital {common.hospital!r})" if common.hospital else "")
+
+
+def check_key(common: Common, fingerprint: str) -> None:
+    """A hospital's check that an aggregate is under its own key context.
+
+    Raises
+    ------
+    DecryptionError
+        If ``common.fingerprint`` is not ``fingerprint``.
+    """
+    if common.fingerprint != fingerprint:
+        raise DecryptionError(
+            "aggregate was encrypted under another key context "
+            f"(fingerprint {common.fingerprint[:16]}…, this hospital's key is "
+            f"{fingerprint[:16]}…)"
+        )
+
+
+def check_updates(commons: Sequence[Common], fingerprint: str) -> None:
+    """The server's check that updates can be added: its key context, one size, one
+    run and round (:func:`check_same_round`).
+
+    Raises
+    ------
+    AggregationError
+        Naming the first update under another key context or of another size or round.
+    """
+    first = commons[0]
+    for i, c in enumerate(commons):
+        if c.fingerprint != fingerprint:
+            raise AggregationError(
+                f"{who(i, c)} was encrypted under another key context "
+                f"(fingerprint {c.fingerprint[:16]}…, server key {fingerprint[:16]}…)"
+            )
+        if c.size != first.size:
+            raise AggregationError(f"update sizes differ: {c.size} values vs {first.size} values")
+    check_same_round(commons)
 
 
 def check_same_round(commons: Sequence[Common]) -> None:
