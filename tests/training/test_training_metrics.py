@@ -24,6 +24,19 @@ from fedcrypt.training.metrics import (
     youden_threshold,
 )
 
+#: Six examples of three classes and their predicted probabilities.
+THREE_CLASSES_Y = np.array([0, 1, 2, 2, 1, 0])
+THREE_CLASSES_P = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.2, 0.5, 0.3],
+        [0.1, 0.3, 0.6],
+        [0.3, 0.3, 0.4],
+        [0.1, 0.8, 0.1],
+        [0.3, 0.4, 0.3],
+    ]
+)
+
 
 def test_binary_auc_known_answer() -> None:
     # pairs (pos, neg): 0.8>0.1, 0.8>0.4, 0.35<0.4, 0.35>0.1 -> 3/4
@@ -115,17 +128,7 @@ def test_auc_per_label_matches_sklearn_and_macro() -> None:
 
 
 def test_auc_per_class_multiclass_and_binary() -> None:
-    y = np.array([0, 1, 2, 2, 1, 0])
-    p = np.array(
-        [
-            [0.7, 0.2, 0.1],
-            [0.2, 0.5, 0.3],
-            [0.1, 0.3, 0.6],
-            [0.3, 0.3, 0.4],
-            [0.1, 0.8, 0.1],
-            [0.3, 0.4, 0.3],
-        ]
-    )
+    y, p = THREE_CLASSES_Y, THREE_CLASSES_P
     per = auc_per_label(y, p)
     assert per == pytest.approx([roc_auc_score(y == k, p[:, k]) for k in range(3)])
     assert auc(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
@@ -200,17 +203,7 @@ def test_roc_curves_name_their_positive_class() -> None:
     assert [c.name for c in curves] == ["malignant"]
     assert curves[0].auc == pytest.approx(0.75)
     assert curves[0].fpr[0] == 0.0 and curves[0].tpr[-1] == 1.0
-    y = np.array([0, 1, 2, 2, 1, 0])
-    p = np.array(
-        [
-            [0.7, 0.2, 0.1],
-            [0.2, 0.5, 0.3],
-            [0.1, 0.3, 0.6],
-            [0.3, 0.3, 0.4],
-            [0.1, 0.8, 0.1],
-            [0.3, 0.4, 0.3],
-        ]
-    )
+    y, p = THREE_CLASSES_Y, THREE_CLASSES_P
     curves = roc_curves(y, p, class_names=["a", "b", "c"])
     assert [c.name for c in curves] == ["a", "b", "c", "micro-average"]
     for k, c in enumerate(curves[:3]):
