@@ -181,7 +181,7 @@ def prepare_run(
                 raise ConfigError(
                     f"--keys {keys_dir} holds a {preset!r} key pair but --he-preset is "
                     f"{config.he_preset!r}: drop --he-preset, or generate keys with "
-                    f"'fedcrypt keys generate --preset {config.he_preset}'"
+                    f"'fedcrypt keys generate --he-preset {config.he_preset}'"
                 )
         else:
             preset = get_preset(config.he_preset or DEFAULT_PRESET).name
