@@ -112,7 +112,9 @@ def test_older_float64_clear_parts_are_still_read(
     clear = np.frombuffer(env.sections[1], dtype=">f4").astype(np.float64) * 4
     old = wire.pack(old_header, [bytes(env.sections[0]), clear.astype(">f8").tobytes()])
     result = hospital.unprotect(server.aggregate([old, hospital.protect(base, num_examples=4)]))
-    np.testing.assert_allclose(result.mean, base, atol=1e-6)
+    # the clear part: exact up to float32 rounding; the encrypted part: within CKKS noise
+    np.testing.assert_allclose(result.mean[~mask], base[~mask], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(result.mean[mask], base[mask], atol=1e-4)
     with pytest.raises(ProtocolError, match="plaintext format"):
         server.aggregate([wire.pack({**env.header, "clear": "int8"}, list(env.sections))])
 
